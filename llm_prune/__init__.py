@@ -1,0 +1,10 @@
+"""llm-prune: one-shot pruning of large pre-trained transformers, streamed one block at a time."""
+
+__version__ = "0.1.0"
+
+from .config import PruneConfig, Sparsity  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .pipeline import prune_checkpoint  # noqa: E402
+from .models import resolve_model  # noqa: E402
+
+__all__ = ["PruneConfig", "Sparsity", "UserError", "prune_checkpoint", "resolve_model", "__version__"]

@@ -1,0 +1,60 @@
+"""Per-family checkpoint layouts, as data.
+
+An entry says where the transformer blocks live in a checkpoint's tensor names, whether its
+2-D block weights are stored [out, in] (nn.Linear) or [in, out] (GPT-2's Conv1D, which matters
+for N:M groups), and how to reach the block modules in the transformers model. Adding a family
+is one entry; nothing else in the pipeline knows model names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    # Regex matching a tensor name inside block i; group 1 is the block prefix, group 2 the index.
+    block_re: str
+    # Attribute path of the ModuleList of blocks in the transformers model (for calibration).
+    blocks_attr: str
+    # GPT-2 style Conv1D keeps weights as [in, out]; everyone else [out, in].
+    weight_in_first: bool = False
+
+    def block_of(self, name: str) -> tuple[int, str] | None:
+        """(block index, name relative to the block) or None for non-block tensors."""
+        m = re.match(self.block_re, name)
+        if m is None:
+            return None
+        return int(m.group(2)), name[m.end(1):]
+
+
+_LLAMA_LIKE = dict(block_re=r"^((?:model\.)?layers\.(\d+)\.)", blocks_attr="model.layers")
+
+ARCHS: dict[str, Arch] = {
+    a.family: a
+    for a in [
+        Arch("llama", **_LLAMA_LIKE),
+        Arch("mistral", **_LLAMA_LIKE),
+        Arch("qwen2", **_LLAMA_LIKE),
+        Arch("qwen3", **_LLAMA_LIKE),
+        Arch("gemma", **_LLAMA_LIKE),
+        Arch("phi3", **_LLAMA_LIKE),
+        Arch("opt", block_re=r"^((?:model\.)?decoder\.layers\.(\d+)\.)", blocks_attr="model.decoder.layers"),
+        Arch("gpt2", block_re=r"^((?:transformer\.)?h\.(\d+)\.)", blocks_attr="transformer.h", weight_in_first=True),
+        Arch("bert", block_re=r"^((?:bert\.)?encoder\.layer\.(\d+)\.)", blocks_attr="bert.encoder.layer"),
+        Arch("vit", block_re=r"^((?:vit\.)?encoder\.layer\.(\d+)\.)", blocks_attr="vit.encoder.layer"),
+    ]
+}
+
+
+def arch_for(config: dict) -> Arch:
+    """The entry for a checkpoint's ``config.json``; one clear line when the family is unknown."""
+    model_type = config.get("model_type")
+    if model_type in ARCHS:
+        return ARCHS[model_type]
+    known = ", ".join(sorted(ARCHS))
+    raise UserError(f"model_type {model_type!r} has no layout entry (known: {known}); add one in llm_prune/arch.py")

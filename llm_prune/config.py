@@ -1,0 +1,101 @@
+"""Frozen configuration objects: the CLI builds them once, the library only reads them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, asdict
+
+from .errors import UserError
+
+SCOPES = ("layer", "global")
+# Default targets: every 2-D ``*.weight`` inside a transformer block (the Linear / Conv1D
+# weights); embeddings, head, norms and biases live outside blocks or are 1-D.
+DEFAULT_TARGETS = ("*.weight",)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """How many weights to remove: a ratio, optionally as an N:M pattern.
+
+    ``ratio`` is the fraction of targeted weights set to zero. With a pattern, at most ``n`` of
+    every ``m`` consecutive weights along the input dimension are kept, so ratio = 1 - n/m.
+    """
+
+    ratio: float
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None
+
+    @property
+    def label(self) -> str:
+        """Short form used in directory names and tables: ``0.4`` or ``2of4``."""
+        return f"{self.n}of{self.m}" if self.is_nm else f"{self.ratio:g}"
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
+
+    @staticmethod
+    def parse(sparsity: str | float | None = None, pattern: str | None = None) -> "Sparsity":
+        """Validate ``--sparsity`` / ``--pattern`` together; raise UserError on any inconsistency."""
+        nm = _parse_pattern(pattern) if pattern else None
+        ratio = _parse_ratio(sparsity) if sparsity is not None else None
+        if nm is None:
+            if ratio is None:
+                raise UserError("give --sparsity (a fraction in [0, 1)) or --pattern N:M")
+            return Sparsity(ratio)
+        n, m = nm
+        implied = 1 - n / m
+        if ratio is not None and abs(ratio - implied) > 1e-9:
+            raise UserError(
+                f"--sparsity {ratio:g} contradicts --pattern {n}:{m}, which keeps {n} of every {m}"
+                f" weights (sparsity {implied:g}); give one of them"
+            )
+        return Sparsity(implied, n, m)
+
+
+def _parse_ratio(value: str | float) -> float:
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"sparsity must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= ratio < 1.0:  # also rejects nan
+        raise UserError(f"sparsity must be in [0, 1), got {value!r}")
+    return ratio
+
+
+def _parse_pattern(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise UserError(f"pattern must look like N:M (for example 2:4), got {text!r}")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise UserError(f"pattern {n}:{m} is impossible: it needs 0 < N < M (for example 2:4)")
+    return n, m
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides which weights a run removes (and so the output bytes)."""
+
+    method: str = "omp"
+    sparsity: Sparsity = field(default_factory=lambda: Sparsity(0.5))
+    scope: str = "layer"
+    # fnmatch patterns on tensor names relative to their block (e.g. "mlp.*", "*.q_proj.weight").
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise UserError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.scope == "global" and self.sparsity.is_nm:
+            raise UserError("an N:M pattern is chosen per group of M weights; --scope global does not apply")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity.ratio
+        d["pattern"] = f"{self.sparsity.n}:{self.sparsity.m}" if self.sparsity.is_nm else None
+        d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+        return d

@@ -1,0 +1,41 @@
+"""Pruning methods: a registry of small, pure functions that return keep-masks.
+
+A method module registers a ``Method``; the pipeline looks methods up by name and never
+branches on a method's identity beyond ``needs_calibration``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..config import Sparsity
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    needs_calibration: bool
+    # keep(weight, sparsity, weight_in_first) -> bool mask of weight's shape (True = keep)
+    keep: Callable[[torch.Tensor, Sparsity, bool], torch.Tensor]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+from . import magnitude  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,198 @@
+"""The loop every reader reads: stream units in, prune their targets, write them out.
+
+    reader = CheckpointReader(src)          validate every header before any work
+    units  = reader.units(arch)             one per block, plus the non-block tensors
+    (global scope) threshold = one pass     exact k-th magnitude over all targets
+    for unit in units:                      the only place weights are in memory
+        tensors = reader.read(unit)         memory-mapped
+        prune targets -> writer.write()     one shard per unit, recorded in progress.json
+    writer.finish()                         index, side files, sparsity.json, atomic rename
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .arch import arch_for
+from .config import PruneConfig
+from .errors import UserError
+from .fingerprint import checkpoint_fingerprint, file_sha256
+from .masks import Threshold, all_finite, find_threshold, key_to_value, threshold_keep
+from .methods import get_method
+from .stream import CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
+
+PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, source_name: str | None = None,
+                     overwrite: bool = False, resume: bool = False, allow_pickle: bool = False,
+                     progress: bool = True) -> dict:
+    """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload."""
+    t0 = time.perf_counter()
+    method = get_method(cfg.method)
+    if method.needs_calibration:
+        raise UserError(f"method {cfg.method!r} needs calibration data, which this pipeline does not run yet")
+    reader = CheckpointReader(src, allow_pickle=allow_pickle)
+    arch = arch_for(reader.config)
+    units = reader.units(arch)
+    select_targets(units, reader.infos, arch, cfg)
+    out = Path(out)
+    writer = ShardWriter(out, _run_key(reader, cfg), overwrite=overwrite, resume=resume)
+    try:
+        check_free_space(out.parent, sum(i.nbytes for i in reader.infos.values()) - _written_bytes(writer))
+        # Hash the source in the background: it is I/O the pruning loop can overlap.
+        with ThreadPoolExecutor(1) as pool:
+            hashes = pool.submit(lambda: {f: file_sha256(src / f) for f in reader.files})
+            threshold = _global_threshold(reader, units, cfg, writer, progress) if cfg.scope == "global" else None
+            _prune_units(reader, units, cfg, arch, method, writer, threshold, progress)
+            file_hashes = hashes.result()
+    except UserError:
+        writer.abort()  # bad data: nothing half-written stays behind
+        raise
+    report = _report(reader, units, cfg, writer, source_name or str(src), src, file_hashes, t0)
+    weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
+    index = {"metadata": {"total_size": report["run"]["output_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
+    writer.finish(index, src, {"sparsity.json": report})
+    return report
+
+
+def select_targets(units: list[Unit], infos: dict[str, TensorInfo], arch, cfg: PruneConfig) -> None:
+    """Mark each block's targets and check, from headers alone, that they can be pruned as asked."""
+    dtypes = set()
+    for unit in units:
+        if unit.block is None:
+            continue
+        for name in unit.names:
+            rel = arch.block_of(name)[1]
+            info = infos[name]
+            if len(info.shape) != 2 or not _matches(rel, name, cfg.targets) or _matches(rel, name, cfg.exclude):
+                continue
+            if info.dtype not in PRUNABLE_DTYPES:
+                raise UserError(f"{name} has dtype {info.dtype}; targets must be fp16, bf16 or fp32 (see --exclude)")
+            if cfg.sparsity.is_nm:
+                in_dim = info.shape[0] if arch.weight_in_first else info.shape[1]
+                if in_dim % cfg.sparsity.m:
+                    raise UserError(f"{name} has input dimension {in_dim}, not a multiple of {cfg.sparsity.m}: "
+                                    f"pattern {cfg.sparsity} cannot apply (leave it out with --exclude)")
+            unit.targets.append(name)
+            dtypes.add(info.dtype)
+    if not any(u.targets for u in units):
+        raise UserError(f"no tensor inside the transformer blocks matches --targets {' '.join(cfg.targets)}")
+    if cfg.scope == "global" and len(dtypes) > 1:
+        raise UserError(f"--scope global needs one dtype across targets, found {sorted(map(str, dtypes))}")
+
+
+def _matches(rel: str, full: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p) for p in patterns)
+
+
+def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
+    """One exact magnitude threshold over every target, kept in progress.json for --resume."""
+    if "threshold" in writer.state:
+        return Threshold(**writer.state["threshold"])
+    targets = [u for u in units if u.targets]
+
+    def visit():
+        for unit in tqdm(targets, desc="global threshold", unit="block", disable=not progress, leave=False):
+            yield from reader.read(unit.targets).values()
+
+    total = sum(reader.infos[n].numel for u in targets for n in u.targets)
+    threshold = find_threshold(visit, int(round(cfg.sparsity.ratio * total)))
+    writer.progress["state"] = {"threshold": threshold.__dict__, "ties_left": threshold.ties}
+    return threshold
+
+
+def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress) -> None:
+    zero = torch.zeros(())
+    n_units = len(units)
+    bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
+    for pos, unit in enumerate(bar):
+        if writer.done(unit):
+            continue
+        tensors = reader.read(unit.names)
+        stats, ties_left = {}, writer.state.get("ties_left", 0)
+        for name in unit.targets:
+            w = tensors[name]
+            if not all_finite(w):
+                raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
+                                "the checkpoint is damaged")
+            if threshold is not None:
+                keep, used = threshold_keep(w, threshold.key, ties_left)
+                ties_left -= used
+            else:
+                keep = method.keep(w, cfg.sparsity, arch.weight_in_first)
+            # A fresh tensor, never an in-place write: the source is a copy-on-write mmap.
+            tensors[name] = pruned = torch.where(keep, w, zero.to(w.dtype))
+            stats[name] = [pruned.numel(), pruned.numel() - int(torch.count_nonzero(pruned))]
+        state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
+        file = f"model-{pos + 1:05d}-of-{n_units:05d}.safetensors"
+        writer.write(unit, file, tensors, {"stats": stats}, state)
+        del tensors
+
+
+def _run_key(reader: CheckpointReader, cfg: PruneConfig) -> dict:
+    """What a resumed run must share with the one that left the partial directory."""
+    files = {f: [os.stat(reader.path / f).st_size, os.stat(reader.path / f).st_mtime_ns] for f in reader.files}
+    return {"config": cfg.to_json(), "source": str(reader.path.resolve()), "files": files, "version": __version__}
+
+
+def _written_bytes(writer: ShardWriter) -> int:
+    return sum(f.stat().st_size for f in writer.tmp.glob("*.safetensors"))
+
+
+def _report(reader, units, cfg, writer, source_name, src, file_hashes, t0) -> dict:
+    per_tensor: dict[str, list[int]] = {}
+    for rec in writer.records().values():
+        per_tensor.update(rec.get("stats", {}))
+    arch = arch_for(reader.config)
+    by_type: dict[str, list[int]] = {}
+    for name, (numel, zeros) in per_tensor.items():
+        kind = arch.block_of(name)[1].removesuffix(".weight")
+        acc = by_type.setdefault(kind, [0, 0])
+        acc[0] += numel
+        acc[1] += zeros
+    n_t, z_t = sum(v[0] for v in per_tensor.values()), sum(v[1] for v in per_tensor.values())
+    n_all = sum(i.numel for i in reader.infos.values())
+    report = {
+        "tool": {"name": "llm-prune", "version": __version__},
+        "method": cfg.method,
+        "scope": cfg.scope,
+        "pattern": f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
+        "target_sparsity": cfg.sparsity.ratio,
+        "targets": list(cfg.targets),
+        "exclude": list(cfg.exclude),
+        "format": "dense",
+        "source": {"name": source_name, "path": str(Path(src).resolve()), "files": file_hashes,
+                   "fingerprint": checkpoint_fingerprint(file_hashes)},
+        "achieved": {
+            "targeted": z_t / n_t,
+            "all_parameters": z_t / n_all,  # zeros outside the targets are not counted
+            "targeted_params": n_t,
+            "all_params": n_all,
+            "by_type": {k: {"params": v[0], "sparsity": v[1] / v[0]} for k, v in sorted(by_type.items())},
+            "tensors": {n: z / max(numel, 1) for n, (numel, z) in sorted(per_tensor.items())},
+        },
+        "run": {
+            "time_s": round(time.perf_counter() - t0, 3),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "output_bytes": _written_bytes(writer),
+            "units": len(units),
+            "resumed_units": writer.resumed,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    if cfg.scope == "global":
+        t = Threshold(**writer.state["threshold"])
+        dtype = reader.infos[next(n for u in units for n in u.targets)].dtype
+        report["threshold"] = {"magnitude": key_to_value(t.key, dtype) if t.k else 0.0, "pruned": t.k, "of": t.total}
+    return report

@@ -1,0 +1,306 @@
+"""Read a checkpoint one block at a time; write the output one shard at a time.
+
+``CheckpointReader`` opens ``model.safetensors.index.json`` (or a single ``model.safetensors``),
+validates every file's header up front (missing files, truncated or corrupt shards and names the
+index promises but no file holds are reported before any work), and reads the tensors of one
+unit at a time through memory-mapped ``safe_open``. ``ShardWriter`` writes each unit as its own
+shard into a hidden ``.NAME.partial`` directory beside the output, records it in
+``progress.json``, and renames the directory into place only when the run is complete — which
+is also what makes runs resumable at block granularity.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open, SafetensorError
+from safetensors.torch import save_file
+
+from .arch import Arch
+from .errors import UserError
+from .paths import atomic_write_text
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+# Files that carry weights; everything else at the top level (config, tokenizer, generation
+# settings, chat template, preprocessor) is copied to the output unchanged.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
+WEIGHT_INDEXES = (SAFE_INDEX, PICKLE_INDEX)
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # file name relative to the checkpoint directory
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Unit:
+    """What is read, pruned and written together: one transformer block, or a group of the
+    tensors outside blocks (embeddings, final norm, head)."""
+
+    key: str  # "block.7" or "rest.0"; progress.json and resume refer to units by key
+    block: int | None
+    names: list[str]
+    targets: list[str] = field(default_factory=list)  # names pruned in this unit
+
+    def nbytes(self, infos: dict[str, TensorInfo]) -> int:
+        return sum(infos[n].nbytes for n in self.names)
+
+
+class CheckpointReader:
+    def __init__(self, path: Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise UserError(f"{self.path} has no config.json: not a Hugging Face checkpoint directory")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise UserError(f"{config_path} is not valid JSON ({e})") from None
+        self.pickle = False
+        self.files, weight_map = self._find_files(allow_pickle)
+        self.infos = self._read_headers(weight_map)
+
+    # -- discovery and validation -------------------------------------------------------------
+    def _find_files(self, allow_pickle: bool) -> tuple[list[str], dict[str, str] | None]:
+        p = self.path
+        if (p / SAFE_INDEX).is_file():
+            weight_map = _read_index(p / SAFE_INDEX)
+            return sorted(set(weight_map.values())), weight_map
+        if (p / SAFE_SINGLE).is_file():
+            return [SAFE_SINGLE], None
+        pickles = (p / PICKLE_INDEX).is_file() or (p / PICKLE_SINGLE).is_file()
+        if pickles and not allow_pickle:
+            raise UserError(f"{p} holds pickled .bin weights, which can run arbitrary code when loaded; "
+                            "convert them to safetensors or pass --allow-pickle if you trust the source")
+        if pickles:
+            self.pickle = True
+            if (p / PICKLE_INDEX).is_file():
+                weight_map = _read_index(p / PICKLE_INDEX)
+                return sorted(set(weight_map.values())), weight_map
+            return [PICKLE_SINGLE], None
+        raise UserError(f"{p} has no {SAFE_SINGLE} or {SAFE_INDEX}")
+
+    def _read_headers(self, weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for file in self.files:
+            fpath = self.path / file
+            if not fpath.is_file():
+                raise UserError(f"the checkpoint index names {file}, which is missing from {self.path}")
+            for name, (dtype, shape) in self._file_header(fpath).items():
+                if weight_map is None or weight_map.get(name) == file:
+                    infos[name] = TensorInfo(name, file, dtype, shape)
+        if weight_map is not None:
+            missing = [n for n in weight_map if n not in infos]
+            if missing:
+                raise UserError(f"{weight_map[missing[0]]} does not contain {missing[0]}, which the index "
+                                f"places there ({len(missing)} tensor(s) missing): the checkpoint is incomplete")
+        return infos
+
+    def _file_header(self, fpath: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        if self.pickle:
+            return {k: (v.dtype, tuple(v.shape)) for k, v in self._load_pickle(fpath).items()}
+        # The header alone is cheap to read; checking it against the file size catches truncated
+        # downloads before the run starts instead of at block 31 of 32.
+        try:
+            with open(fpath, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            end = max((v["data_offsets"][1] for v in header.values()), default=0)
+            if 8 + n + end != size:
+                raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
+            with safe_open(fpath, "pt") as sf:  # the library's own validation too
+                names = set(sf.keys())
+            return {k: (_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items() if k in names}
+        except (ValueError, KeyError, TypeError, SafetensorError, OSError) as e:
+            raise UserError(f"{fpath} is truncated or corrupt ({e}); download it again") from None
+
+    def _load_pickle(self, fpath: Path) -> dict[str, torch.Tensor]:
+        try:  # weights_only refuses code objects; mmap keeps memory to what is touched
+            return torch.load(fpath, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{fpath} could not be read as a torch checkpoint ({e})") from None
+
+    # -- reading --------------------------------------------------------------------------------
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, memory-mapped (copy-on-write: callers must not write into them)."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.infos[n].file, []).append(n)
+        out = {}
+        for file, file_names in by_file.items():
+            if self.pickle:
+                data = self._load_pickle(self.path / file)
+                out.update({n: data[n] for n in file_names})
+                continue
+            with safe_open(self.path / file, "pt") as f:
+                out.update({n: f.get_tensor(n) for n in file_names})
+        return {n: out[n] for n in names}
+
+    def units(self, arch: Arch, max_rest_bytes: int | None = None) -> list[Unit]:
+        """Blocks in index order (tensor names sorted within each), then the non-block tensors
+        packed into groups of at most ``max_rest_bytes`` (default: the largest block)."""
+        blocks: dict[int, list[str]] = {}
+        rest: list[str] = []
+        for name in self.infos:
+            where = arch.block_of(name)
+            if where is None:
+                rest.append(name)
+            else:
+                blocks.setdefault(where[0], []).append(name)
+        units = [Unit(f"block.{i}", i, sorted(blocks[i])) for i in sorted(blocks)]
+        if max_rest_bytes is None:
+            max_rest_bytes = max((u.nbytes(self.infos) for u in units), default=1)
+        group: list[str] = []
+        for name in sorted(rest):
+            if group and sum(self.infos[n].nbytes for n in group) + self.infos[name].nbytes > max_rest_bytes:
+                units.append(Unit(f"rest.{len(units) - len(blocks)}", None, group))
+                group = []
+            group.append(name)
+        if group:
+            units.append(Unit(f"rest.{len(units) - len(blocks)}", None, group))
+        return units
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a valid checkpoint index ({e!r})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{path} has an empty weight_map")
+    return weight_map
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, tokenizer and generation files (every top-level non-weight file)."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES \
+                and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+class ShardWriter:
+    """Writes units as shards into ``.NAME.partial`` and publishes the directory atomically.
+
+    ``progress.json`` in the partial directory lists the finished units with whatever the
+    pipeline needs to continue (per-tensor statistics, carried state); it is rewritten
+    atomically after each shard, so a killed run loses at most the unit in flight.
+    """
+
+    PROGRESS = "progress.json"
+
+    def __init__(self, out: Path, run_key: dict, *, overwrite: bool = False, resume: bool = False):
+        self.out = Path(out)
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        self.overwrite = overwrite
+        if self.out.exists() and not overwrite:
+            raise UserError(f"{self.out} already exists; pass --overwrite to replace it or choose another --out")
+        self.progress = {"run": run_key, "units": {}, "state": {}}
+        if self.tmp.exists():
+            old = _read_json(self.tmp / self.PROGRESS)
+            if not resume:
+                raise UserError(f"an unfinished run left {self.tmp}; pass --resume to continue it "
+                                f"or delete that directory to start over")
+            if old is None or old.get("run") != run_key:
+                raise UserError(f"{self.tmp} belongs to a run with other settings or another checkpoint; "
+                                "delete it to start over")
+            self.progress = old
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.resumed = len(self.progress["units"])  # units a previous run already finished
+
+    def done(self, unit: Unit) -> bool:
+        entry = self.progress["units"].get(unit.key)
+        return entry is not None and (self.tmp / entry["file"]).is_file()
+
+    def write(self, unit: Unit, file: str, tensors: dict[str, torch.Tensor], record: dict, state: dict | None = None):
+        path = self.tmp / file
+        part = path.with_name(path.name + ".tmp")
+        try:
+            save_file(tensors, str(part), metadata={"format": "pt"})
+            os.replace(part, path)
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                self.abort()
+                raise UserError(f"no space left on the device while writing {self.out}; "
+                                "nothing was kept, free some space and run again") from None
+            raise
+        self.progress["units"][unit.key] = {"file": file, "tensors": sorted(tensors), **record}
+        if state is not None:
+            self.progress["state"] = state
+        atomic_write_text(self.tmp / self.PROGRESS, json.dumps(self.progress))
+
+    @property
+    def state(self) -> dict:
+        return self.progress["state"]
+
+    def records(self) -> dict:
+        return self.progress["units"]
+
+    def finish(self, index: dict, side_src: Path, extra_json: dict[str, dict]) -> None:
+        """Write the index, copy side files, add extra JSON files, then publish atomically."""
+        atomic_write_text(self.tmp / SAFE_INDEX, json.dumps(index, indent=2))
+        copy_side_files(side_src, self.tmp)
+        for name, payload in extra_json.items():
+            atomic_write_text(self.tmp / name, json.dumps(payload, indent=2))
+        (self.tmp / self.PROGRESS).unlink()
+        if self.out.exists():  # only reachable with --overwrite: swap, then drop the old copy
+            old = self.out.parent / f".{self.out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse to start a run that cannot fit (10% margin), instead of failing halfway."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed * 1.1:
+        raise UserError(f"not enough disk space in {directory}: the output needs about "
+                        f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
