@@ -23,6 +23,12 @@ class Arch:
     blocks_attr: str
     # GPT-2 style Conv1D keeps weights as [in, out]; everyone else [out, in].
     weight_in_first: bool = False
+    # Calibration (sequential methods): attribute paths, in the transformers *ForCausalLM model, of
+    # the modules that compute block 0's inputs from token ids; only these are materialised to
+    # capture them. The block kwargs (attention mask, rotary embeddings, position ids) come from
+    # the model's own forward, captured at block 0, so they need no entry here. Empty: the family
+    # has no calibration path yet.
+    embed_modules: tuple[str, ...] = ()
 
     def block_of(self, name: str) -> tuple[int, str] | None:
         """(block index, name relative to the block) or None for non-block tensors."""
@@ -32,7 +38,8 @@ class Arch:
         return int(m.group(2)), name[m.end(1):]
 
 
-_LLAMA_LIKE = dict(block_re=r"^((?:model\.)?layers\.(\d+)\.)", blocks_attr="model.layers")
+_LLAMA_LIKE = dict(block_re=r"^((?:model\.)?layers\.(\d+)\.)", blocks_attr="model.layers",
+                   embed_modules=("model.embed_tokens",))
 
 ARCHS: dict[str, Arch] = {
     a.family: a
@@ -43,8 +50,10 @@ ARCHS: dict[str, Arch] = {
         Arch("qwen3", **_LLAMA_LIKE),
         Arch("gemma", **_LLAMA_LIKE),
         Arch("phi3", **_LLAMA_LIKE),
-        Arch("opt", block_re=r"^((?:model\.)?decoder\.layers\.(\d+)\.)", blocks_attr="model.decoder.layers"),
-        Arch("gpt2", block_re=r"^((?:transformer\.)?h\.(\d+)\.)", blocks_attr="transformer.h", weight_in_first=True),
+        Arch("opt", block_re=r"^((?:model\.)?decoder\.layers\.(\d+)\.)", blocks_attr="model.decoder.layers",
+             embed_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in")),
+        Arch("gpt2", block_re=r"^((?:transformer\.)?h\.(\d+)\.)", blocks_attr="transformer.h", weight_in_first=True,
+             embed_modules=("transformer.wte", "transformer.wpe")),
         Arch("bert", block_re=r"^((?:bert\.)?encoder\.layer\.(\d+)\.)", blocks_attr="bert.encoder.layer"),
         Arch("vit", block_re=r"^((?:vit\.)?encoder\.layer\.(\d+)\.)", blocks_attr="vit.encoder.layer"),
     ]

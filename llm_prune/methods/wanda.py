@@ -1,0 +1,66 @@
+"""Wanda (Sun et al., 2023): prune by |W_ij| · ||X_j||₂, compared within each output row.
+
+The norm of input feature j over every calibration token scales how much weight (i, j) can
+move the output; Wanda removes the smallest products per output row (or the smallest M-N of
+every M along the input dimension for N:M) and leaves the surviving weights unchanged.
+Ties prune the earlier weight first (stable ascending sort), the same rule as ``llm_prune.masks``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Sparsity
+from ..errors import UserError
+from ..masks import nm_keep, prune_count
+from . import Method, register
+
+
+class InputNorms:
+    """Sum of x_j² over every input row (token), per input feature; fp64 totals of fp32 partial sums."""
+
+    def __init__(self, columns: int, device: torch.device | str | None = None):
+        self.sq = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sq.device, torch.float32)
+        self.sq += x.square().sum(0).to(torch.float64)
+        self.count += x.shape[0]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self.sq.sqrt().to(torch.float32)
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """|W| · ||X_j|| in fp32, [out, in]."""
+    return weight.to(torch.float32).abs() * norms.to(weight.device, torch.float32).unsqueeze(0)
+
+
+def wanda_keep(weight: torch.Tensor, norms: torch.Tensor, sparsity: Sparsity, weight_in_first: bool = False) -> torch.Tensor:
+    """Keep-mask for ``weight`` given the input feature norms ``norms`` (length = input dim)."""
+    W = weight.t() if weight_in_first else weight
+    if W.shape[1] != norms.numel():
+        raise ValueError(f"{norms.numel()} input norms for a weight with {W.shape[1]} input columns")
+    score = wanda_scores(W, norms)
+    if sparsity.is_nm:
+        keep = nm_keep(score, sparsity.n, sparsity.m)
+    else:
+        k = prune_count(score.shape[1], sparsity.ratio)
+        pruned = torch.sort(score, dim=1, stable=True).indices[:, :k]
+        keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, pruned, False)
+    return keep.t().contiguous() if weight_in_first else keep
+
+
+def _solve(weight, stat: InputNorms, sparsity: Sparsity, *, weight_in_first: bool, calib) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = wanda_keep(weight, stat.norms, sparsity, weight_in_first)
+    return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), keep
+
+
+def _needs_data(weight, sparsity, weight_in_first=False):
+    raise UserError("wanda scores weights with calibration activations; run it through the sequential pipeline")
+
+
+register(Method("wanda", "Wanda: prune the smallest |W|·||X|| in each output row (calibration activations)",
+                True, _needs_data, observer=InputNorms, solve=_solve))

@@ -1,0 +1,136 @@
+"""The streaming pipeline against the simple in-memory way, and the exported checkpoint in transformers."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_prune import PruneConfig, Sparsity, prune_checkpoint
+from llm_prune.stream import ShardWriter
+from tests.test_masks import reference_keep
+
+
+def inmemory_prune(path, cfg: PruneConfig, block_attr: str):
+    """The simple way: from_pretrained, then prune every block Linear with a stable argsort."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    blocks = model.get_submodule(block_attr)
+    linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        if cfg.scope == "global":
+            # Visiting order of the pipeline: blocks in order, tensor names sorted within a block.
+            named = sorted(((i, n + ".weight", m) for i, b in enumerate(blocks) for n, m in b.named_modules()
+                            if isinstance(m, torch.nn.Linear)), key=lambda t: (t[0], t[1]))
+            flat = torch.cat([m.weight.flatten() for _, _, m in named])
+            keep = reference_keep(flat, int(round(cfg.sparsity.ratio * flat.numel())))
+            start = 0
+            for _, _, m in named:
+                m.weight.mul_(keep[start:start + m.weight.numel()].view_as(m.weight))
+                start += m.weight.numel()
+        else:
+            for m in linears:
+                w = m.weight
+                if cfg.sparsity.is_nm:
+                    g = w.float().abs().view(w.shape[0], -1, cfg.sparsity.m)
+                    top = torch.argsort(-g, dim=-1, stable=True)[..., :cfg.sparsity.n]
+                    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top, True).view_as(w)
+                else:
+                    keep = reference_keep(w, int(round(cfg.sparsity.ratio * w.numel())))
+                w.mul_(keep)
+    return model
+
+
+CASES = [
+    PruneConfig(sparsity=Sparsity(0.4)),
+    PruneConfig(sparsity=Sparsity(0.5), scope="global"),
+    PruneConfig(sparsity=Sparsity.parse(None, "2:4")),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=["layer-0.4", "global-0.5", "2:4"])
+def test_streaming_equals_inmemory_and_loads(tiny_llama, tmp_path, cfg):
+    out = tmp_path / "out"
+    report = prune_checkpoint(tiny_llama, cfg, out, progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    reference = inmemory_prune(tiny_llama, cfg, "model.layers")
+    ref_state = reference.state_dict()
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, ref_state[name]), name
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    assert report["achieved"]["targeted"] == pytest.approx(cfg.sparsity.ratio, abs=1e-3)
+    saved = json.loads((out / "sparsity.json").read_text())
+    assert saved["method"] == "omp" and saved["scope"] == cfg.scope
+    assert set(saved["source"]["files"]) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert all(len(h) == 64 for h in saved["source"]["files"].values())
+    assert not list(tmp_path.glob(".*partial"))
+    # Untargeted tensors (embeddings, norms, head) pass through bit for bit.
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).state_dict()
+    for name in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                 "model.layers.1.input_layernorm.weight"]:
+        assert torch.equal(exported.state_dict()[name], dense[name])
+
+
+def test_opt_layout(tiny_opt, tmp_path):
+    report = prune_checkpoint(tiny_opt, PruneConfig(sparsity=Sparsity(0.5)), tmp_path / "o", progress=False)
+    assert set(report["achieved"]["by_type"]) == {"fc1", "fc2", "self_attn.k_proj", "self_attn.out_proj",
+                                                  "self_attn.q_proj", "self_attn.v_proj"}
+    assert all(v["sparsity"] == 0.5 for v in report["achieved"]["by_type"].values())
+    AutoModelForCausalLM.from_pretrained(tmp_path / "o")  # loads unchanged
+
+
+def test_targets_and_exclude(tiny_llama, tmp_path):
+    cfg = PruneConfig(sparsity=Sparsity(0.5), targets=("mlp.*",), exclude=("*down_proj*",))
+    report = prune_checkpoint(tiny_llama, cfg, tmp_path / "o", progress=False)
+    assert set(report["achieved"]["by_type"]) == {"mlp.gate_proj", "mlp.up_proj"}
+
+
+def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):
+    cfg = PruneConfig(sparsity=Sparsity(0.5), scope="global")
+    prune_checkpoint(tiny_llama, cfg, tmp_path / "full", progress=False)
+
+    real_write, calls = ShardWriter.write, []
+
+    def write_then_die(self, *a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_write(self, *a, **kw)
+
+    monkeypatch.setattr(ShardWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(tiny_llama, cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / ".out.partial" / "progress.json").is_file()
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+
+    report = prune_checkpoint(tiny_llama, cfg, tmp_path / "out", resume=True, progress=False)
+    assert report["run"]["resumed_units"] == 2
+    full = json.loads((tmp_path / "full" / "sparsity.json").read_text())
+    assert report["achieved"]["tensors"] == full["achieved"]["tensors"]
+    for f in sorted((tmp_path / "full").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "out" / f.name).read_bytes(), f.name
+
+
+def test_same_input_same_bytes(tiny_llama, tmp_path):
+    for name in ["a", "b"]:
+        prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity(0.4)), tmp_path / name, progress=False)
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_fp32_checkpoint_global(tmp_path):
+    from tests.conftest import save_tiny, tiny_llama_config
+
+    src = save_tiny(tmp_path / "f32", tiny_llama_config(), dtype=torch.float32)
+    cfg = PruneConfig(sparsity=Sparsity(0.6), scope="global")
+    prune_checkpoint(src, cfg, tmp_path / "o", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).state_dict()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    names = sorted((i, n) for i, b in enumerate(model.model.layers) for n, m in b.named_modules()
+                   if isinstance(m, torch.nn.Linear))
+    flat = torch.cat([exported[f"model.layers.{i}.{n}.weight"].flatten() for i, n in names])
+    dense = torch.cat([model.get_submodule(f"model.layers.{i}.{n}").weight.detach().flatten() for i, n in names])
+    keep = reference_keep(dense, int(round(0.6 * dense.numel())))
+    assert torch.equal(flat, dense * keep)
