@@ -40,11 +40,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import torch
 
 from llm_prune.errors import UserError
+
+if sys.byteorder != "little":  # the packers read groups of lanes as little-endian machine words
+    raise ImportError("llm_prune.kernels.formats needs a little-endian machine")
 
 FORMATS = ("dense", "bitmask", "packed24")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -176,31 +180,62 @@ def size_formula(shape, dtype: torch.dtype, sparsity: float, fmt: str) -> int:
     return numel // 2 * item + mask_bytes
 
 
+# -- shared machinery --------------------------------------------------------------------------
+# The packers run numpy on integer views (bit patterns only, never float arithmetic) over chunks
+# of rows of about _CHUNK elements: a chunk's temporaries stay in cache, which made the passes
+# 2-5x faster than whole-tensor torch ops on an 11008x4096 fp16 weight (bench_notes/formats.md).
+# The Python loop runs over chunks (tens per matrix), never over rows or columns.
+_CHUNK = 1 << 18
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, _CHUNK // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _ints(t: torch.Tensor) -> np.ndarray:
+    """The bit patterns of a CPU float tensor as a numpy integer array (no copy when contiguous)."""
+    return t.detach().cpu().contiguous().view(_INT_VIEW[t.dtype]).numpy()
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
 # -- bitmask ---------------------------------------------------------------------------------
 
 def _encode_bitmask(w: torch.Tensor):
-    ints = w.view(_INT_VIEW[w.dtype])  # integer views: copies move bits, never float values
-    keep = ints != 0
-    values = ints[keep].view(w.dtype)  # row-major order
-    # numpy's packbits is a tight C loop, ~10x faster than shifting and summing in torch.
-    mask = torch.from_numpy(np.packbits(keep.numpy(), axis=1, bitorder="little"))
-    offsets = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(keep.sum(1), 0, out=offsets[1:])
-    return values, mask, offsets
+    a = _ints(w)
+    rows, cols = a.shape
+    mask = np.empty((rows, (cols + 7) // 8), np.uint8)
+    counts = np.empty(rows, np.int64)
+    parts = []
+    for r0, r1 in _row_chunks(rows, cols):
+        b = a[r0:r1]
+        keep = b != 0
+        parts.append(np.compress(keep.ravel(), b.ravel()))  # row-major order
+        mask[r0:r1] = np.packbits(keep, axis=1, bitorder="little")
+        counts[r0:r1] = np.count_nonzero(keep, axis=1)
+    offsets = np.zeros(rows + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.empty(0, a.dtype)
+    return torch.from_numpy(values).view(w.dtype), torch.from_numpy(mask), torch.from_numpy(offsets)
 
 
 def _decode_bitmask(name, values, mask, offsets, shape, dtype):
     rows, cols = shape
     if mask.dtype != torch.uint8 or tuple(mask.shape) != (rows, (cols + 7) // 8) or values.dtype != dtype \
-            or offsets.shape != (rows + 1,):
+            or values.dim() != 1 or tuple(offsets.shape) != (rows + 1,) or offsets.dtype != torch.int64:
         raise UserError(f"{name}: bitmask parts have shapes/dtypes that do not match its metadata (corrupt file)")
-    keep = torch.from_numpy(np.unpackbits(mask.numpy(), axis=1, count=cols, bitorder="little")).view(torch.bool)
-    counts = keep.sum(1)
-    if int(counts.sum()) != values.numel() or not torch.equal(offsets[1:] - offsets[:-1], counts) or offsets[0] != 0:
+    m, off, v = mask.cpu().contiguous().numpy(), offsets.cpu().numpy(), _ints(values)
+    # Popcounts of whole bytes: set padding bits count too, so they are caught as corruption.
+    counts = _POPCOUNT[m].sum(1) if rows else np.zeros(0, np.int64)
+    if off[0] != 0 or off[-1] != v.size or not np.array_equal(np.diff(off), counts):
         raise UserError(f"{name}: bitmask, row offsets and values disagree (corrupt file)")
-    out = torch.zeros(shape, dtype=_INT_VIEW[dtype])
-    out[keep] = values.view(_INT_VIEW[dtype])
-    return out.view(dtype)
+    out = np.zeros((rows, cols), v.dtype)
+    for r0, r1 in _row_chunks(rows, cols):
+        keep = np.unpackbits(m[r0:r1], axis=1, count=cols, bitorder="little").view(np.bool_)
+        np.place(out[r0:r1], keep, v[off[r0]:off[r1]])
+    return torch.from_numpy(out).view(dtype)
 
 
 # -- packed 2:4 ------------------------------------------------------------------------------
@@ -219,34 +254,99 @@ def _positions(nz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
+def _frozen(x) -> np.ndarray:
+    x = np.asarray(x)
+    x.setflags(write=False)
+    return x
+
+
+def _tables():
+    """Lookup tables indexed by a group's 4-bit non-zero code (bit i = position i non-zero), or
+    by a stored nibble (lo | hi << 2). Built from ``_positions`` so there is one source of truth."""
+    flags = ((torch.arange(16)[:, None] >> torch.arange(4)) & 1).bool()
+    lo, hi = (p.long().numpy() for p in _positions(flags))
+    nib = np.arange(16)
+    return dict(
+        nibble=_frozen((lo | hi << 2).astype(np.uint8)), over=_frozen(flags.sum(1).numpy() > 2),
+        lo=_frozen(lo), hi=_frozen(hi),
+        lo16=_frozen((16 * lo).astype(np.uint64)), hi16=_frozen((16 * hi).astype(np.uint64)),
+        nib_bad=_frozen((nib & 3) >= (nib >> 2)), nib_lo=_frozen(nib & 3), nib_hi=_frozen(nib >> 2),
+        nib_lo16=_frozen((16 * (nib & 3)).astype(np.uint64)), nib_hi16=_frozen((16 * (nib >> 2)).astype(np.uint64)),
+    )
+
+
+_T = _tables()
+
+
 def _encode_packed24(name: str, w: torch.Tensor):
-    rows, cols = w.shape
-    bits = w.view(_INT_VIEW[w.dtype]).view(rows, cols // 4, 4)
-    nz = bits != 0
-    over = nz.sum(-1) > 2
-    if bool(over.any()):
-        r, g = (int(i) for i in over.nonzero()[0])
-        raise UserError(f"{name} is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold more than 2 "
-                        f"non-zeros ({int(over.sum())} such groups); prune with --pattern 2:4 or use --format bitmask")
-    lo, hi = _positions(nz)
-    idx = torch.stack((lo, hi), -1)
-    values = bits.gather(-1, idx.long()).view(rows, cols // 2).view(w.dtype)
-    return values, _pack_nibbles(lo | (hi << 2))
+    a = _ints(w)
+    rows, cols = a.shape
+    groups = cols // 4
+    wide = a.dtype == np.int32
+    values = np.empty((rows, 2 * groups) if wide else (rows, groups), np.int32 if wide else np.uint32)
+    nib = np.empty((rows, groups), np.uint8)
+    for r0, r1 in _row_chunks(rows, cols):
+        b = a[r0:r1]
+        flags = (b != 0).view(np.int32)  # one int32 per group; byte i = flag of position i (little-endian)
+        code = (flags | flags >> 7 | flags >> 14 | flags >> 21) & 0xF
+        over = _T["over"][code]
+        if over.any():
+            r, g = (int(i) for i in np.argwhere(over)[0])
+            raise UserError(f"{name} is not 2:4 sparse: row {r0 + r}, columns {4 * g}..{4 * g + 3} hold more than 2 "
+                            "non-zeros; prune with --pattern 2:4 or use --format bitmask")
+        nib[r0:r1] = _T["nibble"][code]
+        if wide:  # fp32: gather the two kept 32-bit lanes
+            pos = np.stack((_T["lo"][code], _T["hi"][code]), -1)
+            values[r0:r1] = np.take_along_axis(b.reshape(-1, groups, 4), pos, -1).reshape(-1, 2 * groups)
+        else:  # 16-bit: a group is one uint64; shift the two kept lanes out, pair them in a uint32
+            x = b.view(np.uint64)
+            values[r0:r1] = ((x >> _T["lo16"][code]) & 0xFFFF) | (((x >> _T["hi16"][code]) & 0xFFFF) << 16)
+    if groups % 2:
+        nib = np.pad(nib, ((0, 0), (0, 1)))
+    meta = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return torch.from_numpy(values).view(w.dtype).view(rows, cols // 2), torch.from_numpy(meta)
 
 
-def _pack_nibbles(nib: torch.Tensor) -> torch.Tensor:
-    """uint8 [R, G] of 4-bit values -> uint8 [R, ceil(G/2)], group 2j in the low nibble of byte j."""
-    if nib.shape[1] % 2:
-        nib = torch.nn.functional.pad(nib, (0, 1))
-    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+def _check_packed24_parts(name, values, meta, shape, dtype):
+    rows, cols = shape
+    if values.dtype != dtype or tuple(values.shape) != (rows, cols // 2) or meta.dtype != torch.uint8 \
+            or tuple(meta.shape) != (rows, (cols + 7) // 8) or cols % 4:
+        raise UserError(f"{name}: packed24 parts have shapes/dtypes that do not match its metadata (corrupt file)")
 
 
 def _decode_packed24(name, values, meta, shape, dtype):
+    if values.device.type != "cpu":
+        return _decode_packed24_torch(name, values, meta, shape, dtype)
+    _check_packed24_parts(name, values, meta, shape, dtype)
     rows, cols = shape
     groups = cols // 4
-    if values.dtype != dtype or tuple(values.shape) != (rows, cols // 2) or meta.dtype != torch.uint8 \
-            or tuple(meta.shape) != (rows, (cols + 7) // 8):
-        raise UserError(f"{name}: packed24 parts have shapes/dtypes that do not match its metadata (corrupt file)")
+    m = meta.contiguous().numpy()
+    nib = np.empty((rows, 2 * m.shape[1]), np.uint8)
+    nib[:, 0::2], nib[:, 1::2] = m & 0xF, m >> 4
+    nib = nib[:, :groups]
+    if _T["nib_bad"][nib].any():
+        raise UserError(f"{name}: packed24 metadata has a group whose positions are not increasing (corrupt file)")
+    v = _ints(values)
+    if v.dtype == np.int32:
+        out = np.zeros((rows, groups, 4), np.int32)
+        for r0, r1 in _row_chunks(rows, cols):
+            n = nib[r0:r1]
+            pos = np.stack((_T["nib_lo"][n], _T["nib_hi"][n]), -1)
+            np.put_along_axis(out[r0:r1], pos, v[r0:r1].reshape(-1, groups, 2), -1)
+        return torch.from_numpy(out.reshape(rows, cols)).view(dtype)
+    pairs = v.view(np.uint32)  # [rows, groups]: lo value in the low half
+    out = np.empty((rows, groups), np.uint64)
+    for r0, r1 in _row_chunks(rows, cols):
+        n, p = nib[r0:r1], pairs[r0:r1].astype(np.uint64)
+        out[r0:r1] = ((p & 0xFFFF) << _T["nib_lo16"][n]) | ((p >> 16) << _T["nib_hi16"][n])
+    return torch.from_numpy(out.view(np.int16).reshape(rows, cols)).view(dtype)
+
+
+def _decode_packed24_torch(name, values, meta, shape, dtype):
+    """Device-agnostic torch version (used on GPU before cuSPARSELt compression); same result."""
+    _check_packed24_parts(name, values, meta, shape, dtype)
+    rows, cols = shape
+    groups = cols // 4
     nib = torch.stack((meta & 0xF, meta >> 4), -1).view(rows, -1)[:, :groups]
     lo, hi = nib & 3, nib >> 2
     if bool((lo >= hi).any()):

@@ -27,7 +27,7 @@ from torch import nn
 
 from llm_prune.errors import UserError
 
-from .formats import _decode_packed24
+from .formats import _decode_packed24_torch
 
 BACKENDS = ("auto", "cutlass", "cusparselt")
 DTYPES = (torch.float16, torch.bfloat16)
@@ -132,7 +132,7 @@ def _build(w: torch.Tensor, parts, cls):
         raise UserError(f"packed24 values of shape {tuple(values.shape)} {values.dtype} do not match a "
                         f"{tuple(w.shape)} {w.dtype} weight")
     if cls.BACKEND != "cutlass":  # cuSPARSELt's layout is private: decode on the GPU, then compress
-        return cls.from_dense(_decode_packed24("weight", values, meta, tuple(w.shape), w.dtype))
+        return cls.from_dense(_decode_packed24_torch("weight", values, meta, tuple(w.shape), w.dtype))
     packed, meta_reordered = cutlass_parts_from_packed24(values, meta)
     return cls(w.shape, packed=packed, meta=meta_reordered, packed_t=None, meta_t=None,
                compressed_swizzled_bitmask=None, requires_grad=False)

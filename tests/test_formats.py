@@ -242,3 +242,26 @@ def test_real_smollm2_block_roundtrips(smollm2_dir):
         stored, meta = F.encode(name, p, fmt)
         assert_bits_equal(F.decode(name, stored, meta), p)
         assert stored_bytes(stored) == F.size_formula(p.shape, p.dtype, 0.5, fmt)
+
+
+# -- implementation cross-checks -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_and_torch_packed24_decoders_agree(dtype):
+    w = adversarial_24(dtype)
+    stored, meta = F.encode("w", w, "packed24")
+    args = ("w", stored["w.values"], stored["w.meta"], tuple(w.shape), dtype)
+    assert_bits_equal(F._decode_packed24(*args), F._decode_packed24_torch(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["bitmask", "packed24"])
+def test_many_uneven_row_chunks(monkeypatch, dtype, fmt):
+    monkeypatch.setattr(F, "_CHUNK", 3 * 24)  # 3 rows per chunk of 24 columns; 11 rows -> 3+3+3+2
+    w = pruned_24(11, 24, dtype, seed=5)
+    w[4] = 0
+    assert_bits_equal(roundtrip(w, fmt), w)
+    if fmt == "packed24":
+        w[7, 8:11] = 1  # row 7 lives in the third chunk: the reported row must be global
+        with pytest.raises(UserError, match=r"row 7, columns 8\.\.11"):
+            F.encode("w", w, fmt)
