@@ -87,7 +87,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     input dimension; ``weight_in_first`` means ``weight`` is stored [in, out] (GPT-2 Conv1D)."""
     if sparsity.is_nm and blocksize % sparsity.m:
         raise UserError(f"--blocksize {blocksize} must be a multiple of M={sparsity.m} for pattern {sparsity}")
-    W = (weight.t() if weight_in_first else weight).to(torch.float32, copy=True)
+    W = (weight.t() if weight_in_first else weight).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     H = hessian.to(device=W.device, dtype=torch.float32, copy=True)
     rows, cols = W.shape
     if H.shape != (cols, cols):

@@ -35,7 +35,7 @@ class InputNorms:
 
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """|W| · ||X_j|| in fp32, [out, in]."""
-    return weight.to(torch.float32).abs() * norms.to(weight.device, torch.float32).unsqueeze(0)
+    return (weight.to(torch.float32).abs() * norms.to(weight.device, torch.float32).unsqueeze(0)).contiguous()
 
 
 def wanda_keep(weight: torch.Tensor, norms: torch.Tensor, sparsity: Sparsity, weight_in_first: bool = False) -> torch.Tensor:
