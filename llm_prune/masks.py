@@ -40,11 +40,16 @@ def magnitude_key(x: torch.Tensor) -> torch.Tensor:
     return x.view(int_dtype) & clear_sign
 
 
+def inf_key(dtype: torch.dtype) -> int:
+    """Key of +inf: a weight is inf or nan exactly when its key is at least this."""
+    return _KEY_LAYOUT[dtype][2]
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when no element is inf or nan: a single max over the magnitude keys."""
     if x.numel() == 0:
         return True
-    return int(magnitude_key(x).max()) < _KEY_LAYOUT[x.dtype][2]
+    return int(magnitude_key(x).max()) < inf_key(x.dtype)
 
 
 def key_to_value(key: int, dtype: torch.dtype) -> float:
@@ -74,16 +79,17 @@ class Threshold:
 def find_threshold(visit: Callable[[], Iterable[torch.Tensor]], k: int) -> Threshold:
     """Exact k-th smallest magnitude key over the tensors ``visit()`` yields, in bounded memory.
 
-    ``visit`` is called once per pass (once for 16-bit dtypes, twice for fp32), so a streaming
-    caller can re-read tensors from disk instead of holding them. Keys are histogrammed with
-    ``bincount``: memory is one tensor plus 2^16 counters.
+    ``visit`` yields float tensors or their ``magnitude_key``s and is called once per pass (once
+    for 16-bit dtypes, twice for fp32), so a streaming caller can re-read tensors from disk
+    instead of holding them. Memory is one tensor plus 2^16 counters.
     """
-    total, dtype, counts = 0, None, None
+    total, key_dtype, counts = 0, None, None
     for x in visit():
-        dtype = _check_same_dtype(dtype, x.dtype)
-        key = magnitude_key(x).reshape(-1)
-        high = key >> _LOW_BITS if key.dtype == torch.int32 else key
-        c = torch.bincount(high.to(torch.int32), minlength=1 << 15)
+        key = as_key(x).reshape(-1)
+        key_dtype = _check_same_dtype(key_dtype, key.dtype)
+        # bincount is fastest on int16; fp32 keys histogram their high 15 bits first.
+        high = (key >> _LOW_BITS).to(torch.int16) if key.dtype == torch.int32 else key
+        c = torch.bincount(high, minlength=1 << 15)
         counts = c if counts is None else counts + c
         total += key.numel()
     if not 0 <= k <= total:
@@ -91,16 +97,21 @@ def find_threshold(visit: Callable[[], Iterable[torch.Tensor]], k: int) -> Thres
     if k == 0:
         return Threshold.none(total)
     high, below = _select(counts, k)
-    if dtype != torch.float32:
+    if key_dtype != torch.int32:
         return Threshold(key=high, ties=k - below, k=k, total=total)
     # Second pass: only the keys in bucket `high` matter; histogram their low 16 bits.
     low_counts = torch.zeros(1 << _LOW_BITS, dtype=torch.int64)
     for x in visit():
-        key = magnitude_key(x).reshape(-1)
+        key = as_key(x).reshape(-1)
         in_bucket = key[(key >> _LOW_BITS) == high]
         low_counts += torch.bincount((in_bucket & 0xFFFF).to(torch.int32), minlength=1 << _LOW_BITS)
     low, below_low = _select(low_counts, k - below)
     return Threshold(key=(high << _LOW_BITS) | low, ties=k - below - below_low, k=k, total=total)
+
+
+def as_key(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when it already is a magnitude key (an integer tensor), else its key."""
+    return magnitude_key(x) if x.is_floating_point() else x
 
 
 def _select(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -112,17 +123,18 @@ def _select(counts: torch.Tensor, k: int) -> tuple[int, int]:
 
 def _check_same_dtype(seen, dtype):
     if seen is not None and seen != dtype:
-        raise UserError(f"a global threshold needs one dtype across targets, found {seen} and {dtype}")
+        raise UserError("a global threshold needs targets of one width (fp16/bf16, or fp32), found both")
     return dtype
 
 
 def threshold_keep(x: torch.Tensor, key: int, ties: int) -> tuple[torch.Tensor, int]:
-    """Keep-mask for one tensor under a threshold; prunes up to ``ties`` of its equal-to-key weights.
+    """Keep-mask for one tensor (or its key) under a threshold; prunes up to ``ties`` of its
+    equal-to-key weights.
 
     Returns the mask and how many ties this tensor used (the caller carries the rest to the
     next tensor, which is how a global threshold breaks ties across tensors).
     """
-    k = magnitude_key(x)
+    k = as_key(x)
     keep = k > key
     if ties > 0:
         tie_idx = (k.reshape(-1) == key).nonzero().squeeze(1)
@@ -135,9 +147,9 @@ def threshold_keep(x: torch.Tensor, key: int, ties: int) -> tuple[torch.Tensor, 
 
 def unstructured_keep(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep-mask pruning ``round(ratio * numel)`` smallest magnitudes of one tensor."""
-    k = prune_count(x.numel(), ratio)
-    t = find_threshold(lambda: [x], k)
-    return threshold_keep(x, t.key, t.ties)[0]
+    key = as_key(x)  # computed once, used by both passes
+    t = find_threshold(lambda: [key], prune_count(x.numel(), ratio))
+    return threshold_keep(key, t.key, t.ties)[0]
 
 
 def prune_count(numel: int, ratio: float) -> int:
@@ -154,7 +166,7 @@ def nm_keep(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if x.shape[-1] % m:
         raise UserError(f"a tensor of shape {tuple(x.shape)} cannot take an N:M pattern with M={m}: "
                         f"its input dimension {x.shape[-1]} is not a multiple of {m}")
-    groups = magnitude_key(x).reshape(*x.shape[:-1], x.shape[-1] // m, m)
+    groups = as_key(x).reshape(*x.shape[:-1], x.shape[-1] // m, m)
     top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     keep = torch.zeros(groups.shape, dtype=torch.bool)
     keep.scatter_(-1, top, True)

@@ -151,7 +151,7 @@ def smollm2_layer_inputs(smollm2_dir):
 
 
 @pytest.mark.parametrize("sparsity", [HALF, TWO_FOUR], ids=["50%", "2:4"])
-@pytest.mark.parametrize("layer", ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"])
+@pytest.mark.parametrize("layer", ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"])
 def test_sparsegpt_reconstructs_real_layers_better_than_magnitude_and_wanda(smollm2_layer_inputs, layer, sparsity):
     W, X = smollm2_layer_inputs[layer]
     H, norms = Hessian(X.shape[1]), InputNorms(X.shape[1])

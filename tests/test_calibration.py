@@ -1,0 +1,107 @@
+"""Calibration text -> token windows: sources, seeds, too little text, settings and CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from llm_prune.calibration import (CalibConfig, add_calibration_arguments, calib_config_from_args, draw_windows,
+                                   embedded_passages, load_texts, resolve_device, tokenize)
+from llm_prune.errors import UserError
+
+
+class CharTokenizer:
+    """One id per character: enough to check how documents become a token stream."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": [ord(c) for c in texts]}
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def test_windows_are_drawn_with_the_seed():
+    ids = torch.arange(1000)
+    a, b = draw_windows(ids, 4, 16, seed=3), draw_windows(ids, 4, 16, seed=3)
+    assert torch.equal(a, b) and a.shape == (4, 16)
+    assert not torch.equal(a, draw_windows(ids, 4, 16, seed=4))
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()  # contiguous windows of the stream
+
+
+def test_too_little_text_is_a_clear_user_error():
+    with pytest.raises(UserError, match=r"has 63 tokens; 4 windows of 16 need at least 64"):
+        draw_windows(torch.arange(63), 4, 16, seed=0)
+
+
+def test_documents_are_joined_by_a_blank_line():
+    assert tokenize(CharTokenizer(), ["ab", "c"]).tolist() == [97, 98, 10, 10, 99]
+    assert tokenize(CharTokenizer(), ["ab", "c", "d"], max_tokens=2, batch=1).tolist() == [97, 98]
+
+
+def test_local_file_folder_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("second")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth"}) + "\n")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\xff")
+    docs, described, stream = load_texts(str(tmp_path))
+    assert docs == ["first document", "third", "fourth", "second"] and not stream
+    assert load_texts(str(tmp_path / "a.txt"))[0] == ["first document"]
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1 is not a JSON object"):
+        load_texts(str(tmp_path))
+
+
+def test_empty_folder_and_unknown_source(tmp_path):
+    with pytest.raises(UserError, match="holds no text"):
+        load_texts(str(tmp_path))
+    with pytest.raises(UserError, match="is not 'embedded'"):
+        load_texts("no-such-thing")
+
+
+def test_hub_dataset_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not load calibration dataset hf:no-owner/no-such-set"):
+        load_texts("hf:no-owner/no-such-set")
+
+
+def test_embedded_corpus_splits_calibration_from_held_out_text():
+    calib, held = embedded_passages("calib"), embedded_passages("heldout")
+    assert len(held) > 250 and len(calib) > 9 * len(held) - 10
+    assert not set(calib) & set(held)
+    assert sum(map(len, calib)) > 1_000_000  # ~1.5M characters of Wikipedia text
+
+
+def test_config_defaults_validation_and_seqlen():
+    c = CalibConfig()
+    assert (c.source, c.nsamples, c.seed, c.damp, c.blocksize, c.dtype) == ("embedded", 128, 0, 0.01, 128, "float32")
+    assert c.resolved_seqlen({"max_position_embeddings": 8192}) == 2048
+    assert c.resolved_seqlen({"max_position_embeddings": 1024}) == 1024
+    assert CalibConfig(seqlen=512).resolved_seqlen({"n_positions": 1024}) == 512
+    with pytest.raises(UserError, match="exceeds the model's context of 64"):
+        CalibConfig(seqlen=65).resolved_seqlen({"max_position_embeddings": 64})
+    for bad in [dict(nsamples=0), dict(seqlen=0), dict(damp=-1.0), dict(blocksize=0), dict(dtype="int8")]:
+        with pytest.raises(UserError):
+            CalibConfig(**bad)
+
+
+def test_cli_flags_build_the_config():
+    p = argparse.ArgumentParser()
+    add_calibration_arguments(p)
+    args = p.parse_args(["--nsamples", "32", "--seqlen", "512", "--seed", "7", "--calib", "x.txt", "--device", "cpu",
+                         "--damp", "0.1", "--blocksize", "64", "--act-dtype", "bfloat16", "--offload-activations"])
+    assert calib_config_from_args(args) == CalibConfig("x.txt", 32, 512, 7, "cpu", 0.1, 64, "bfloat16", True)
+    assert calib_config_from_args(p.parse_args([])) == CalibConfig()
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a device"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        assert resolve_device(None) == torch.device("cpu")
+        with pytest.raises(UserError, match="sees no CUDA device"):
+            resolve_device("cuda")
