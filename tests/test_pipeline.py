@@ -134,3 +134,32 @@ def test_fp32_checkpoint_global(tmp_path):
     dense = torch.cat([model.get_submodule(f"model.layers.{i}.{n}").weight.detach().flatten() for i, n in names])
     keep = reference_keep(dense, int(round(0.6 * dense.numel())))
     assert torch.equal(flat, dense * keep)
+
+
+def _family_configs():
+    from transformers import MistralConfig, Qwen2Config
+    from tests.conftest import tiny_llama_config, tiny_opt_config
+
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return {"mistral": MistralConfig(**small), "qwen2": Qwen2Config(**small),
+            "llama-tied": tiny_llama_config(tie_word_embeddings=True), "opt": tiny_opt_config()}
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "llama-tied", "opt"])
+@pytest.mark.parametrize("cfg", [PruneConfig(sparsity=Sparsity(0.5)), PruneConfig(sparsity=Sparsity.parse(None, "2:4"))],
+                         ids=["0.5", "2:4"])
+def test_families_equal_inmemory(tmp_path, family, cfg):
+    from llm_prune.arch import ARCHS
+    from tests.conftest import save_tiny
+
+    config = _family_configs()[family]
+    src = save_tiny(tmp_path / family, config)
+    prune_checkpoint(src, cfg, tmp_path / "o", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.bfloat16)
+    reference = inmemory_prune(src, cfg, ARCHS[config.model_type].blocks_attr)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    ref_state = reference.state_dict()
+    assert all(torch.equal(t, ref_state[n]) for n, t in exported.state_dict().items())
