@@ -213,6 +213,6 @@ def test_bad_inputs_are_user_errors(llama_dir, tiny_llama, calib_text, tmp_path)
     with pytest.raises(UserError, match="does not prune from calibration data"):
         prune_sequential(reader, units, PruneConfig(method="omp"), calib_for(calib_text), ARCHS["llama"], writer,
                          progress=False)
-    with pytest.raises(UserError, match=r"has \d+ tokens; 500 windows of 32"):
+    with pytest.raises(UserError, match=r"has [\d,]+ tokens; 500 windows of 32"):
         prune_sequential(reader, units, cfg, calib_for(calib_text, nsamples=500), ARCHS["llama"], writer,
                          progress=False)
