@@ -31,13 +31,18 @@ _KEY_LAYOUT = {
 _LOW_BITS = 16  # fp32 keys are selected in two 16-bit passes
 
 
-def magnitude_key(x: torch.Tensor) -> torch.Tensor:
+def magnitude_key(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Integer tensor ordered exactly like ``x.abs()`` (same shape, one pass, no float math)."""
     try:
         int_dtype, clear_sign, _ = _KEY_LAYOUT[x.dtype]
     except KeyError:
         raise UserError(f"weights of dtype {x.dtype} are not supported (fp16, bf16 or fp32)") from None
-    return x.view(int_dtype) & clear_sign
+    return torch.bitwise_and(x.view(int_dtype), clear_sign, out=out)
+
+
+def key_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of ``magnitude_key`` for weights of ``dtype``."""
+    return _KEY_LAYOUT[dtype][0]
 
 
 def inf_key(dtype: torch.dtype) -> int:

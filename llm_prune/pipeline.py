@@ -27,12 +27,11 @@ from .arch import arch_for
 from .config import PruneConfig
 from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
-from .masks import Threshold, find_threshold, inf_key, key_to_value, magnitude_key, threshold_keep
+from .masks import Threshold, find_threshold, inf_key, key_dtype, key_to_value, magnitude_key, threshold_keep
 from .methods import get_method
-from .stream import CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
+from .stream import Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ZERO = {d: torch.zeros((), dtype=d) for d in (torch.int16, torch.int32)}  # +0.0 as a key-width integer
 
 
 def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, source_name: str | None = None,
@@ -115,18 +114,19 @@ def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
 
 def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress) -> None:
     n_units = len(units)
+    source, work = Arena(), Arena()  # reused across units: flat memory, no fresh page faults
     bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
     for pos, unit in enumerate(bar):
         if writer.done(unit):
             continue
-        tensors = reader.read(unit.names)
+        tensors = reader.read(unit.names, source)
+        keys = dict(zip(unit.targets, work.carve([reader.infos[n].nbytes for n in unit.targets])))
         stats, ties_left = {}, writer.state.get("ties_left", 0)
         for name in unit.targets:
             w = tensors[name]
             # One integer key per weight serves every pass: the finiteness check, the mask (masks
-            # functions accept keys), and as the output buffer. The output is never written into
-            # `w`, which is a copy-on-write mmap of the source file.
-            key = magnitude_key(w)
+            # functions accept keys), and as the output buffer.
+            key = magnitude_key(w, out=keys[name].view(key_dtype(w.dtype)).view(w.shape))
             if int(key.max()) >= inf_key(w.dtype):
                 raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
                                 "the checkpoint is damaged")
@@ -135,7 +135,8 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress) 
                 ties_left -= used
             else:
                 keep = method.keep(key, cfg.sparsity, arch.weight_in_first)
-            tensors[name] = pruned = torch.where(keep, w.view(key.dtype), _ZERO[key.dtype], out=key).view(w.dtype)
+            # int * bool is exact (x or +0) and 1.7x faster than torch.where here.
+            tensors[name] = pruned = torch.mul(w.view(key.dtype), keep, out=key).view(w.dtype)
             stats[name] = [pruned.numel(), pruned.numel() - int(torch.count_nonzero(pruned))]
         state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
         file = f"model-{pos + 1:05d}-of-{n_units:05d}.safetensors"

@@ -52,13 +52,24 @@ class KeyTable:
 
 
 def key_table(x: torch.Tensor) -> KeyTable:
-    """The table of one tensor: one histogram pass (numpy's bincount is ~2x torch's on CPU)."""
-    key = magnitude_key(x.detach().cpu()).reshape(-1)
-    if key.dtype == torch.int32:
-        key = (key >> LOW_BITS).to(torch.int16)  # sign cleared: the high half fits in 15 bits
-    counts = np.bincount(key.numpy().view(np.uint16), minlength=1 << 15)
+    """The table of one tensor: one histogram pass over its magnitude keys."""
+    return table_of_keys(magnitude_key(x.detach().cpu()).numpy(), x.dtype)
+
+
+def table_of_keys(keys: np.ndarray, dtype: torch.dtype, chunk: int = 1 << 22) -> KeyTable:
+    """The table from magnitude keys already computed (``masks.magnitude_key``, as numpy).
+
+    numpy's bincount is ~2x torch's on CPU, but casts its input to int64: chunks keep that
+    transient at 32 MiB whatever the tensor's size."""
+    flat = keys.reshape(-1)
+    counts = np.zeros(1 << 15, dtype=np.int64)
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        if part.dtype == np.int32:
+            part = part >> LOW_BITS  # sign cleared: the high half fits in 15 bits
+        counts += np.bincount(part, minlength=1 << 15)
     occupied = np.flatnonzero(counts)
-    return KeyTable(x.dtype, x.numel(), torch.from_numpy(occupied.astype(np.int64)),
+    return KeyTable(dtype, flat.size, torch.from_numpy(occupied.astype(np.int64)),
                     torch.from_numpy(counts[occupied].astype(np.int64)))
 
 

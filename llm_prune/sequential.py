@@ -53,6 +53,8 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
     method = get_method(cfg.method)
     if method.observer is None or method.solve is None:
         raise UserError(f"method {cfg.method!r} does not prune from calibration data")
+    if cfg.scope != "layer":
+        raise UserError(f"{cfg.method} prunes each matrix from its own statistics; --scope {cfg.scope} does not apply")
     if not arch.embed_modules:
         raise UserError(f"calibrated pruning has no entry for {arch.family} models yet "
                         "(embed_modules in llm_prune/arch.py)")
@@ -135,6 +137,7 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
             bar.set_postfix(s_per_block=f"{seconds[-1]:.1f}")
     if seconds:
         report["seconds_per_block"] = round(sum(seconds) / len(seconds), 3)
+        report["block_seconds"] = [round(t, 3) for t in seconds]
     return {"calibration": report}
 
 
