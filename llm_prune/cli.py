@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="GLOB",
                    help="2-D block tensors to prune, by name within the block or full name (default: *.weight)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="block tensors to leave untouched")
+    p.add_argument("--format", default="dense", choices=["dense", "bitmask", "packed24"],
+                   help="how pruned weights are stored: dense (zeros in place, loadable by anything), "
+                        "bitmask (values + 1 bit per weight), packed24 (2:4 only: half the values + 2-bit indices)")
     p.add_argument("--out", type=Path, help="output directory (default: ./MODEL-METHOD-SPARSITY[-global])")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         src = resolve_model(args.model)
         from .pipeline import prune_checkpoint  # heavy imports after argument checks
 
-        report = prune_checkpoint(src, cfg, out, source_name=args.model, overwrite=args.overwrite,
+        report = prune_checkpoint(src, cfg, out, fmt=args.format, source_name=args.model, overwrite=args.overwrite,
                                   resume=args.resume, allow_pickle=args.allow_pickle, progress=not args.quiet)
     except UserError as e:
         print(f"llm-prune: error: {e}", file=sys.stderr)

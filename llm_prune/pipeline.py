@@ -29,15 +29,20 @@ from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
 from .masks import Threshold, find_threshold, inf_key, key_dtype, key_to_value, magnitude_key, threshold_keep
 from .methods import get_method
-from .stream import Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
+from .kernels.formats import check_encodable, encode_all
+from .stream import SAFE_INDEX, SPARSE_INDEX, Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, source_name: str | None = None,
+def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, fmt: str = "dense", source_name: str | None = None,
                      overwrite: bool = False, resume: bool = False, allow_pickle: bool = False,
                      progress: bool = True) -> dict:
-    """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload."""
+    """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload.
+
+    ``fmt`` stores the pruned targets as ``dense`` (zeros in place, loadable by anything),
+    ``bitmask`` or ``packed24`` (see llm_prune.kernels.formats; loaded by ``llm_prune.load``).
+    """
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     if method.needs_calibration:
@@ -46,20 +51,22 @@ def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, source_name: str
     arch = arch_for(reader.config)
     units = reader.units(arch)
     select_targets(units, reader.infos, arch, cfg)
+    check_format(units, reader.infos, arch, cfg, fmt)
     out = Path(out)
-    writer = ShardWriter(out, _run_key(reader, cfg), overwrite=overwrite, resume=resume)
+    writer = ShardWriter(out, _run_key(reader, cfg, fmt), overwrite=overwrite, resume=resume,
+                         index_name=index_name(fmt))
     try:
         check_free_space(out.parent, sum(i.nbytes for i in reader.infos.values()) - _written_bytes(writer))
         # Hash the source in the background: it is I/O the pruning loop can overlap.
         with ThreadPoolExecutor(1) as pool:
             hashes = pool.submit(lambda: {f: file_sha256(src / f) for f in reader.files})
             threshold = _global_threshold(reader, units, cfg, writer, progress) if cfg.scope == "global" else None
-            _prune_units(reader, units, cfg, arch, method, writer, threshold, progress)
+            _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt)
             file_hashes = hashes.result()
     except UserError:
         writer.abort()  # bad data: nothing half-written stays behind
         raise
-    report = _report(reader, units, cfg, writer, source_name or str(src), src, file_hashes, t0)
+    report = _report(reader, units, cfg, writer, source_name or str(src), src, file_hashes, t0, fmt)
     weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
     index = {"metadata": {"total_size": report["run"]["output_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
     writer.finish(index, src, {"sparsity.json": report})
@@ -92,6 +99,24 @@ def select_targets(units: list[Unit], infos: dict[str, TensorInfo], arch, cfg: P
         raise UserError(f"--scope global needs one dtype across targets, found {sorted(map(str, dtypes))}")
 
 
+def check_format(units: list[Unit], infos: dict[str, TensorInfo], arch, cfg: PruneConfig, fmt: str) -> None:
+    """Refuse, from headers alone, a storage format that cannot hold the pruned targets."""
+    if fmt == "packed24" and (cfg.sparsity.n, cfg.sparsity.m) != (2, 4):
+        raise UserError(f"--format packed24 stores 2:4 weights; this run prunes to {cfg.sparsity} (use --format bitmask)")
+    if fmt == "packed24" and arch.weight_in_first:
+        raise UserError(f"--format packed24 groups along the last dimension; {arch.family} stores weights "
+                        "[in, out] (use --format bitmask)")
+    for unit in units:
+        for name in unit.targets:
+            check_encodable(name, infos[name].shape, infos[name].dtype, fmt)
+
+
+def index_name(fmt: str) -> str:
+    """Compressed checkpoints get their own index name so that transformers refuses them loudly
+    (instead of loading a model with its weights missing); llm_prune.load reads both."""
+    return SAFE_INDEX if fmt == "dense" else SPARSE_INDEX
+
+
 def _matches(rel: str, full: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p) for p in patterns)
 
@@ -112,7 +137,7 @@ def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
     return threshold
 
 
-def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress) -> None:
+def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt) -> None:
     n_units = len(units)
     source, work = Arena(), Arena()  # reused across units: flat memory, no fresh page faults
     bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
@@ -139,22 +164,24 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress) 
             tensors[name] = pruned = torch.mul(w.view(key.dtype), keep, out=key).view(w.dtype)
             stats[name] = [pruned.numel(), pruned.numel() - int(torch.count_nonzero(pruned))]
         state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
-        file = f"model-{pos + 1:05d}-of-{n_units:05d}.safetensors"
-        writer.write(unit, file, tensors, {"stats": stats}, state)
+        stored, meta = encode_all(tensors, {n: fmt for n in unit.targets})
+        file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
+        writer.write(unit, file, stored, {"stats": stats}, state, metadata=meta)
         del tensors
 
 
-def _run_key(reader: CheckpointReader, cfg: PruneConfig) -> dict:
+def _run_key(reader: CheckpointReader, cfg: PruneConfig, fmt: str) -> dict:
     """What a resumed run must share with the one that left the partial directory."""
     files = {f: [os.stat(reader.path / f).st_size, os.stat(reader.path / f).st_mtime_ns] for f in reader.files}
-    return {"config": cfg.to_json(), "source": str(reader.path.resolve()), "files": files, "version": __version__}
+    return {"config": cfg.to_json(), "format": fmt, "source": str(reader.path.resolve()), "files": files,
+            "version": __version__}
 
 
 def _written_bytes(writer: ShardWriter) -> int:
     return sum(f.stat().st_size for f in writer.tmp.glob("*.safetensors"))
 
 
-def _report(reader, units, cfg, writer, source_name, src, file_hashes, t0) -> dict:
+def _report(reader, units, cfg, writer, source_name, src, file_hashes, t0, fmt) -> dict:
     per_tensor: dict[str, list[int]] = {}
     for rec in writer.records().values():
         per_tensor.update(rec.get("stats", {}))
@@ -175,7 +202,8 @@ def _report(reader, units, cfg, writer, source_name, src, file_hashes, t0) -> di
         "target_sparsity": cfg.sparsity.ratio,
         "targets": list(cfg.targets),
         "exclude": list(cfg.exclude),
-        "format": "dense",
+        "format": fmt,  # of the targets; every other tensor is stored dense
+        "formats": {n: fmt for u in units for n in u.targets},
         "source": {"name": source_name, "path": str(Path(src).resolve()), "files": file_hashes,
                    "fingerprint": checkpoint_fingerprint(file_hashes)},
         "achieved": {

@@ -27,13 +27,14 @@ from .errors import UserError
 from .paths import atomic_write_text
 
 SAFE_INDEX = "model.safetensors.index.json"
+SPARSE_INDEX = "sparse.safetensors.index.json"  # compressed formats (llm_prune.kernels.formats)
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 # Files that carry weights; everything else at the top level (config, tokenizer, generation
 # settings, chat template, preprocessor) is copied to the output unchanged.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
-WEIGHT_INDEXES = (SAFE_INDEX, PICKLE_INDEX)
+WEIGHT_INDEXES = (SAFE_INDEX, SPARSE_INDEX, PICKLE_INDEX)
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -268,8 +269,10 @@ class ShardWriter:
 
     PROGRESS = "progress.json"
 
-    def __init__(self, out: Path, run_key: dict, *, overwrite: bool = False, resume: bool = False):
+    def __init__(self, out: Path, run_key: dict, *, overwrite: bool = False, resume: bool = False,
+                 index_name: str = SAFE_INDEX):
         self.out = Path(out)
+        self.index_name = index_name
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         self.overwrite = overwrite
         if self.out.exists() and not overwrite:
@@ -291,11 +294,12 @@ class ShardWriter:
         entry = self.progress["units"].get(unit.key)
         return entry is not None and (self.tmp / entry["file"]).is_file()
 
-    def write(self, unit: Unit, file: str, tensors: dict[str, torch.Tensor], record: dict, state: dict | None = None):
+    def write(self, unit: Unit, file: str, tensors: dict[str, torch.Tensor], record: dict, state: dict | None = None,
+              metadata: dict[str, str] | None = None):
         path = self.tmp / file
         part = path.with_name(path.name + ".tmp")
         try:
-            save_file(tensors, str(part), metadata={"format": "pt"})
+            save_file(tensors, str(part), metadata={"format": "pt", **(metadata or {})})
             os.replace(part, path)
         except OSError as e:
             part.unlink(missing_ok=True)
@@ -318,7 +322,7 @@ class ShardWriter:
 
     def finish(self, index: dict, side_src: Path, extra_json: dict[str, dict]) -> None:
         """Write the index, copy side files, add extra JSON files, then publish atomically."""
-        atomic_write_text(self.tmp / SAFE_INDEX, json.dumps(index, indent=2))
+        atomic_write_text(self.tmp / self.index_name, json.dumps(index, indent=2))
         copy_side_files(side_src, self.tmp)
         for name, payload in extra_json.items():
             atomic_write_text(self.tmp / name, json.dumps(payload, indent=2))

@@ -1,0 +1,56 @@
+"""Exports in each storage format hold exactly the dense export's weights, in fewer bytes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from llm_prune import PruneConfig, Sparsity, prune_checkpoint
+from llm_prune.cli import main
+from llm_prune.kernels.formats import decode_all
+
+
+def read_decoded(path):
+    """All tensors of an export, decoded shard by shard with the formats' own metadata."""
+    out = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update(decode_all({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
+    return out
+
+
+@pytest.mark.parametrize("pattern,fmt", [("2:4", "packed24"), ("2:4", "bitmask"), (None, "bitmask")])
+def test_formats_equal_dense_export(tiny_llama, tmp_path, pattern, fmt):
+    cfg = PruneConfig(sparsity=Sparsity.parse(None if pattern else "0.6", pattern))
+    dense_report = prune_checkpoint(tiny_llama, cfg, tmp_path / "dense", progress=False)
+    report = prune_checkpoint(tiny_llama, cfg, tmp_path / fmt, fmt=fmt, progress=False)
+    dense, packed = read_decoded(tmp_path / "dense"), read_decoded(tmp_path / fmt)
+    assert dense.keys() == packed.keys()
+    assert all(torch.equal(dense[n], packed[n]) for n in dense)
+    assert report["format"] == fmt and set(report["formats"]) == set(dense_report["achieved"]["tensors"])
+    assert report["achieved"] == dense_report["achieved"]
+    # Smaller on disk: targets are most of the bytes of this tiny model too.
+    assert report["run"]["output_bytes"] < 0.8 * dense_report["run"]["output_bytes"]
+    index = json.loads((tmp_path / fmt / "sparse.safetensors.index.json").read_text())
+    assert any(n.endswith(".values") for n in index["weight_map"])
+    assert not (tmp_path / fmt / "model.safetensors.index.json").exists()
+
+
+def test_transformers_refuses_compressed_export_loudly(tiny_llama, tmp_path):
+    cfg = PruneConfig(sparsity=Sparsity.parse(None, "2:4"))
+    prune_checkpoint(tiny_llama, cfg, tmp_path / "p", fmt="packed24", progress=False)
+    with pytest.raises(OSError):  # no silently random-initialised weights
+        AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sparsity", "0.5", "--format", "packed24"], "--format packed24 stores 2:4 weights"),
+    (["--pattern", "4:8", "--format", "packed24"], "--format packed24 stores 2:4 weights"),
+])
+def test_format_refused(capsys, tiny_llama, tmp_path, args, match):
+    capsys.readouterr()
+    assert main([str(tiny_llama), *args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
