@@ -210,6 +210,9 @@ def test_bad_inputs_are_user_errors(llama_dir, tiny_llama, calib_text, tmp_path)
     writer = ShardWriter(tmp_path / "o", {"k": 1})
     with pytest.raises(UserError, match="no entry for bert"):
         prune_sequential(reader, units, cfg, calib_for(calib_text), ARCHS["bert"], writer, progress=False)
+    with pytest.raises(UserError, match="--scope global does not apply"):
+        prune_sequential(reader, units, PruneConfig(method="wanda", scope="global"), calib_for(calib_text),
+                         ARCHS["llama"], writer, progress=False)
     with pytest.raises(UserError, match="does not prune from calibration data"):
         prune_sequential(reader, units, PruneConfig(method="omp"), calib_for(calib_text), ARCHS["llama"], writer,
                          progress=False)

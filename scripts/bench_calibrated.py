@@ -1,0 +1,202 @@
+"""Calibrated pruning benchmarks (issue 3): quality on real SmolLM2-135M, memory, 7B-shape speed.
+
+    python scripts/bench_calibrated.py quality --nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-windows 24
+    python scripts/bench_calibrated.py speed7b --nsamples 4 --seqlen 512
+
+``quality`` prunes SmolLM2-135M (the embedded model) with omp, wanda and sparsegpt at 50%, 4:8
+and 2:4, calibrating on the embedded Wikipedia passages (calib split), each run in its own
+process so its peak RSS is its own; then measures token perplexity (llm_prune.eval.perplexity:
+exp(mean NLL), non-overlapping windows) on the *held-out* split of the same passages, which
+calibration never sees. ``speed7b`` times SparseGPT on a synthetic one-block checkpoint with
+Llama-2-7B block shapes (hidden 4096, MLP 11008, 32 heads), random bf16 weights.
+The runs call prune_sequential exactly the way prune_checkpoint does (see run_pruning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+PATTERNS = {"0.5": (0.5, None), "4:8": (None, "4:8"), "2:4": (None, "2:4")}
+
+
+def run_pruning(src: Path, method: str, pattern: str, out: Path, calib) -> dict:
+    """prune_checkpoint's flow, with prune_sequential for calibration methods."""
+    from llm_prune.arch import arch_for
+    from llm_prune.config import PruneConfig, Sparsity
+    from llm_prune.pipeline import _prune_units, _report, _run_key, select_targets
+    from llm_prune.methods import get_method
+    from llm_prune.sequential import prune_sequential
+    from llm_prune.stream import CheckpointReader, ShardWriter
+
+    t0 = time.perf_counter()
+    ratio, nm = PATTERNS[pattern]
+    cfg = PruneConfig(method=method, sparsity=Sparsity.parse(ratio, nm))
+    reader = CheckpointReader(src)
+    arch = arch_for(reader.config)
+    units = reader.units(arch)
+    select_targets(units, reader.infos, arch, cfg)
+    writer = ShardWriter(out, _run_key(reader, cfg), overwrite=True)
+    method_ = get_method(method)
+    if method_.needs_calibration:
+        extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress=False)
+    else:
+        _prune_units(reader, units, cfg, arch, method_, writer, None, False)
+        extra = {}
+    report = _report(reader, units, cfg, writer, str(src), src, {}, t0) | extra
+    weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
+    writer.finish({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, src, {"sparsity.json": report})
+    return report
+
+
+def cmd_prune(args) -> None:
+    from llm_prune.calibration import CalibConfig
+
+    torch.set_num_threads(args.threads)
+    calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
+    report = run_pruning(Path(args.src), args.method, args.pattern, Path(args.out), calib)
+    print(json.dumps({"time_s": report["run"]["time_s"], "peak_rss_bytes": report["run"]["peak_rss_bytes"],
+                      "rss_after_imports": rss0, "targeted": report["achieved"]["targeted"],
+                      "calibration": report.get("calibration")}))
+
+
+def heldout_ids(tokenizer) -> torch.Tensor:
+    from llm_prune.calibration import embedded_passages
+
+    return tokenizer("\n\n".join(embedded_passages("heldout")), return_tensors="pt").input_ids[0]
+
+
+def perplexity(model_dir: Path, ids, seqlen: int, windows: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from llm_prune.eval.perplexity import token_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return token_perplexity(model, ids, seqlen, max_windows=windows)["ppl"]
+
+
+def cmd_quality(args) -> None:
+    from transformers import AutoTokenizer
+
+    from llm_prune.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    src = resolve_model("smollm2-135m")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ids = heldout_ids(AutoTokenizer.from_pretrained(src))
+    model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    rows = [{"method": "dense", "pattern": "-", "ppl": perplexity(src, ids, args.ppl_seqlen, args.ppl_windows)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for pattern in args.patterns:
+        for method in args.methods:
+            out = work / f"{method}-{pattern.replace(':', 'of')}"
+            cmd = [sys.executable, __file__, "prune", "--src", str(src), "--method", method, "--pattern", pattern,
+                   "--out", str(out), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                   "--seed", str(args.seed), "--threads", str(args.threads)]
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            ppl = perplexity(out, ids, args.ppl_seqlen, args.ppl_windows)
+            rows.append({"method": method, "pattern": pattern, "ppl": ppl, "prune_s": res["time_s"],
+                         "peak_rss_mib": res["peak_rss_bytes"] / 2**20,
+                         "rss_after_imports_mib": res["rss_after_imports"] / 2**20, "targeted": res["targeted"]})
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(out)
+    protocol = {"model": "SmolLM2-135M-Instruct (embedded, bf16)", "model_bytes": model_bytes,
+                "calibration": f"embedded BoolQ Wikipedia passages, calib split, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
+                "perplexity": f"held-out split (every 10th unique passage), {int(ids.numel())} tokens, "
+                              f"non-overlapping windows of {args.ppl_seqlen}, first {args.ppl_windows} windows, fp32",
+                "threads": args.threads}
+    print(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
+
+
+def cmd_speed7b(args) -> None:
+    """Seconds per block for SparseGPT with Llama-2-7B block shapes on this CPU."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llm_prune.calibration import CalibConfig
+    from llm_prune.methods.sparsegpt import sparsegpt_prune
+    from llm_prune.config import Sparsity
+    from llm_prune.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    src = work / "llama7b-shapes-1block"
+    smol = resolve_model("smollm2-135m")
+    if not (src / "config.json").is_file():
+        # vocab of the SmolLM2 tokenizer (copied in) so the calibration text tokenizes for real
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.blocks,
+                             num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                             max_position_embeddings=4096, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model = model.to_empty(device="cpu").to(torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        model.save_pretrained(src, max_shard_size="2GB")
+        del model
+        for f in smol.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy2(f, src / f.name)
+    calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    report = run_pruning(src, "sparsegpt", "0.5", work / "out7b", calib)
+    shutil.rmtree(work / "out7b")
+    # The solve alone (fixed cost per block, independent of the number of calibration tokens).
+    g = torch.Generator().manual_seed(0)
+    solve = {}
+    for name, rows, cols, copies in [("q/k/v/o", 4096, 4096, 4), ("gate/up", 11008, 4096, 2), ("down", 4096, 11008, 1)]:
+        X = torch.randn(4096, cols, generator=g)
+        H = 2 * X.t() @ X / X.shape[0]
+        W = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+        t = time.perf_counter()
+        sparsegpt_prune(W, H, Sparsity(0.5))
+        solve[name] = {"seconds_each": round(time.perf_counter() - t, 2), "count": copies}
+    print(json.dumps({"blocks": args.blocks, "calibration_tokens": args.nsamples * args.seqlen,
+                      "seconds_per_block": report["calibration"]["seconds_per_block"], "time_s": report["run"]["time_s"],
+                      "peak_rss_mib": report["run"]["peak_rss_bytes"] / 2**20,
+                      "checkpoint_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
+                      "solve_only": solve, "solve_only_total_s": round(sum(v["seconds_each"] * v["count"] for v in solve.values()), 1),
+                      "threads": args.threads}, indent=1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("quality", "prune", "speed7b"):
+        s = sub.add_parser(name)
+        s.add_argument("--nsamples", type=int, default=16)
+        s.add_argument("--seqlen", type=int, default=512)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--work", default="/tmp/bench_calibrated")
+    q = sub.choices["quality"]
+    q.add_argument("--methods", nargs="+", default=["omp", "wanda", "sparsegpt"])
+    q.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"])
+    q.add_argument("--ppl-seqlen", type=int, default=512)
+    q.add_argument("--ppl-windows", type=int, default=24)
+    pr = sub.choices["prune"]
+    pr.add_argument("--src", required=True)
+    pr.add_argument("--method", required=True)
+    pr.add_argument("--pattern", required=True, choices=sorted(PATTERNS))
+    pr.add_argument("--out", required=True)
+    sub.choices["speed7b"].add_argument("--blocks", type=int, default=1)
+    args = p.parse_args()
+    {"quality": cmd_quality, "prune": cmd_prune, "speed7b": cmd_speed7b}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
