@@ -505,11 +505,12 @@ def _model_class(config):
         cls = getattr(transformers, arch_name, None)
         if cls is not None:
             return cls
-    try:
-        transformers.AutoModelForCausalLM._model_mapping[type(config)]
-        return transformers.AutoModelForCausalLM
-    except KeyError:
-        return transformers.AutoModel
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    raise UserError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
 def _model_key(name: str, keys: set[str], prefix: str) -> str | None:
@@ -582,9 +583,14 @@ def set_sparsity(model, sparsity: float) -> None:
             plan = None
         for n, p in zip(state.order, weights):
             w = current(p)
-            keep = threshold_keep(w, *plan[n])[0] if plan is not None else get_method("omp").keep(
-                w, new, state.weight_in_first)
-            p.data.copy_(apply_keep(w, keep).to(p.device, p.dtype))
+            if plan is not None and w.is_contiguous():
+                w = w.clone() if w.data_ptr() == p.data_ptr() else w  # never write through a live view
+                pruned = _np_threshold_apply(w, _np_keys(w), *plan[n], inplace=True)
+            else:
+                keep = threshold_keep(w, *plan[n])[0] if plan is not None else get_method("omp").keep(
+                    w, new, state.weight_in_first)
+                pruned = apply_keep(w, keep)
+            p.data.copy_(pruned.to(p.device, p.dtype))
     state.config = PruneConfig(cfg.method, new, cfg.scope, cfg.targets, cfg.exclude)
     if have_tables:
         state.applied = target  # thresholds are recorded against the original weights
