@@ -33,6 +33,11 @@ def evaluate_path(path: str | Path, tasks: list[str], settings: EvalSettings = E
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a checkpoint directory (no config.json)")
     if world_size() > 1:
+        if not pick_device(settings.device).startswith("cuda"):
+            # lm-eval's HFLM splits requests across processes only on accelerators; on CPU every
+            # process would evaluate everything and race to write the same files.
+            raise UserError(f"{world_size()} processes were launched, but data-parallel evaluation needs one GPU per "
+                            "process (lm-eval splits requests only on CUDA devices); run a single process on CPU")
         result = evaluate_lm(_distributed_hflm(path, settings, tokenizer), tasks, settings)
     else:
         model, tok = load_model(path, settings, tokenizer)

@@ -78,3 +78,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m llm_prune.eval.cli``, and under ``accelerate launch -m``)."""
+    import sys
+
+    from ..errors import UserError
+
+    p = argparse.ArgumentParser(prog="llm-prune eval", description="Evaluate a checkpoint directory.")
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except UserError as e:
+        print(f"llm-prune eval: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -94,7 +94,7 @@ def _check_tasks(tasks: list[str]) -> list[str]:
 def _task_manager(tasks: list[str], data: str):
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the tables
     # Indexing lm-eval's thousands of built-in configs costs seconds: only when a task needs them.
     needs_builtin = data == "hub" or any(t not in KNOWN and t not in OWN for t in tasks)
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_builtin)
@@ -186,6 +186,6 @@ class _count_requests:
 def _hflm(model, tokenizer, settings: EvalSettings):
     from lm_eval.models.huggingface import HFLM
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the tables
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
                 max_batch_size=settings.max_batch_size)

@@ -214,13 +214,16 @@ def test_accelerate_launch_hands_lm_eval_the_path(smollm2_dir, monkeypatch):
             seen["hflm"] = kw
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="needs one GPU per process"):
+        api.evaluate_path(smollm2_dir, ["ppl"], EvalSettings(device="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU node; nothing touches CUDA below
     monkeypatch.setattr(hf, "HFLM", FakeHFLM)
     monkeypatch.setattr(api, "evaluate_lm", lambda lm, tasks, settings: seen.update(lm=lm, tasks=tasks) or None)
-    out = api.evaluate_path(smollm2_dir, ["mmlu", "ppl"], EvalSettings(device="cpu", batch_size=8, dtype="bfloat16"))
+    out = api.evaluate_path(smollm2_dir, ["mmlu", "ppl"], EvalSettings(device="cuda", batch_size=8, dtype="bfloat16"))
     assert out is None  # what non-zero ranks get
     kw = seen["hflm"]
     assert kw["pretrained"] == str(smollm2_dir) and kw["tokenizer"] == str(smollm2_dir)
-    assert (kw["batch_size"], kw["device"], kw["dtype"]) == (8, "cpu", torch.bfloat16)
+    assert (kw["batch_size"], kw["device"], kw["dtype"]) == (8, "cuda", torch.bfloat16)
     assert isinstance(seen["lm"], FakeHFLM) and seen["tasks"] == ["mmlu", "ppl"]
 
 
@@ -235,3 +238,13 @@ def test_clear_errors(tmp_path, tiny_llama):
         _task_manager(["mmlu", "mmlu_pro_max"], "local")
     with pytest.raises(UserError, match="twice"):
         _check_tasks(["ppl", "ppl"])
+
+
+def test_prune_command_flags_with_prefix():
+    """The prune command's --eval takes the same settings as eval-prefixed flags (no clash with its own)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--seqlen", type=int)  # e.g. a calibration option of the prune command
+    cli.add_settings_arguments(p, prefix="eval-")
+    args = p.parse_args(["--seqlen", "2048", "--eval-seqlen", "256", "--eval-limit", "3", "--eval-batch-size", "2"])
+    s = cli.settings_from_args(args, prefix="eval-", progress=False)
+    assert (s.seqlen, s.limit, s.batch_size, s.fewshot, s.progress) == (256, 3, 2, 5, False)

@@ -1,0 +1,70 @@
+"""SmolLM2-135M dense vs OMP variants on MMLU categories, ARC-Easy, PIQA and token perplexity.
+
+    python scripts/bench_eval.py --limit 20 --mmlu-limit 1 --fewshot 0 --seqlen 512 --ppl-windows 4 --out /tmp/bench_eval
+
+Prunes each variant once into --out, evaluates it beside the (cached) dense baseline, and writes
+bench.json plus a markdown table. Small limits on purpose: the CPU is shared and slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from llm_prune import PruneConfig, Sparsity, prune_checkpoint  # noqa: E402
+from llm_prune.eval import EvalSettings, evaluate_pruned  # noqa: E402
+from llm_prune.models import resolve_model  # noqa: E402
+
+VARIANTS = {
+    "omp-0.4-layer": PruneConfig(sparsity=Sparsity(0.4)),
+    "omp-0.5-layer": PruneConfig(sparsity=Sparsity(0.5)),
+    "omp-0.4-global": PruneConfig(sparsity=Sparsity(0.4), scope="global"),
+    "omp-0.5-global": PruneConfig(sparsity=Sparsity(0.5), scope="global"),
+    "omp-2:4": PruneConfig(sparsity=Sparsity.parse(None, "2:4")),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench_eval"))
+    p.add_argument("--limit", type=int, default=20, help="documents per zero-shot task")
+    p.add_argument("--mmlu-limit", type=int, default=1, help="questions per MMLU subject")
+    p.add_argument("--fewshot", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--mmlu-variants", default="omp-0.5-layer", help="variants also scored on MMLU (slow on CPU)")
+    args = p.parse_args()
+    src = resolve_model("smollm2-135m")
+    base = dict(batch_size=args.batch_size, seqlen=args.seqlen, ppl_windows=args.ppl_windows, data="local",
+                progress=False, device="cpu")
+    zero_shot = (["arc_easy", "piqa", "ppl"], EvalSettings(limit=args.limit, **base))
+    mmlu = (["mmlu"], EvalSettings(fewshot=args.fewshot, limit=args.mmlu_limit, **base))
+    # Zero-shot tasks for every variant first, then MMLU for the chosen ones (the expensive part).
+    runs = [(n, zero_shot) for n in args.variants.split(",")] + \
+        [(n, mmlu) for n in args.mmlu_variants.split(",") if n]
+    rows = {}
+    for name, (tasks, settings) in runs:
+        out = args.out / name
+        if not (out / "sparsity.json").is_file():
+            prune_checkpoint(src, VARIANTS[name], out, overwrite=True, progress=False)
+        t0 = time.perf_counter()
+        payload = evaluate_pruned(src, out, tasks, settings, out / f"eval-{tasks[0]}", label=name)
+        rows.setdefault(name, []).extend(payload["rows"])
+        tp = {t: e.get("throughput") for t, e in payload["evaluated"]["tasks"].items()}
+        tp_dense = {t: e.get("throughput") for t, e in payload["dense_baseline"]["tasks"].items()}
+        rows[name].append({"tasks": tasks, "seconds": round(time.perf_counter() - t0, 1), "throughput": tp,
+                           "dense_throughput": tp_dense, "dense_cached": [t for t, e in
+                                                                          payload["dense_baseline"]["tasks"].items() if e.get("cached")]})
+        print(name, tasks, f"{time.perf_counter() - t0:.0f} s", flush=True)
+        (args.out / "bench.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
