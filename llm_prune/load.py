@@ -43,6 +43,7 @@ from .arch import Arch, arch_for
 from .config import DEFAULT_TARGETS, PruneConfig, Sparsity
 from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
+from .kernels import formats
 from .masks import all_finite, find_threshold, magnitude_key, prune_count, threshold_keep
 from .methods import get_method
 from .models import resolve_model
@@ -64,14 +65,15 @@ class Decoder:
     """How a stored format becomes dense tensors; register one with ``register_decoder``.
 
     ``plan(reader)`` claims stored tensors: ``{dense name: (TensorInfo of the dense tensor,
-    [stored names])}``; ``decode(dense name, {stored name: tensor})`` returns the dense tensor
-    (a fresh tensor, never a view into the read-only mmap that is then written to).
+    [stored names])}``; ``decode(dense name, {stored name: tensor}, metadata)`` returns the
+    dense tensor (a fresh tensor, never a view into the read-only mmap that is then written to);
+    ``metadata`` is the safetensors ``__metadata__`` of the file holding the first stored part.
     Stored tensors no decoder claims are read as they are.
     """
 
     name: str
     plan: Callable[[CheckpointReader], dict[str, tuple[TensorInfo, list[str]]]]
-    decode: Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+    decode: Callable[[str, dict[str, torch.Tensor], dict[str, str]], torch.Tensor]
 
 
 DECODERS: dict[str, Decoder] = {}
@@ -80,6 +82,20 @@ DECODERS: dict[str, Decoder] = {}
 def register_decoder(decoder: Decoder) -> Decoder:
     DECODERS[decoder.name] = decoder
     return decoder
+
+
+def _formats_plan(reader: CheckpointReader) -> dict[str, tuple[TensorInfo, list[str]]]:
+    """Claim the tensors that llm-prune's exporter stored as bitmask or packed24: each shard's
+    ``__metadata__`` names them, with their dense shape and dtype."""
+    plan = {}
+    for file, meta in reader.metadata.items():
+        for key in meta:
+            if key.startswith(formats.META_PREFIX):
+                name = key[len(formats.META_PREFIX):]
+                info = formats.tensor_info(name, meta)
+                dense = TensorInfo(name, file, formats.DTYPES[info["dtype"]], tuple(info["shape"]))
+                plan[name] = (dense, formats.stored_names(name, info["format"]))
+    return plan
 
 
 class DenseSource:
@@ -123,7 +139,8 @@ class DenseSource:
             for n in dense_names:  # decoded: stored parts may live in other shards, the reader finds them
                 decoder, stored = self.recipe[n]
                 if decoder is not None:
-                    yield n, decoder.decode(n, self.reader.read(stored))
+                    meta = self.reader.metadata.get(self.reader.infos[stored[0]].file, {})
+                    yield n, decoder.decode(n, self.reader.read(stored), meta)
 
 
 def _read_plain(fpath: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -619,3 +636,6 @@ def _raised_plan(state: PruneState, new: Sparsity):
         key0, ties0 = state.applied.get(n, (-1, 0))
         plan[n] = (key1, ties1 - ties0 if key0 == key1 and key1 > 0 else ties1)
     return target, plan
+
+
+register_decoder(Decoder("llm-prune formats", _formats_plan, formats.decode))

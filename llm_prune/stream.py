@@ -108,15 +108,17 @@ class CheckpointReader:
         except ValueError as e:
             raise UserError(f"{config_path} is not valid JSON ({e})") from None
         self.pickle = False
+        self.metadata: dict[str, dict[str, str]] = {}  # file -> safetensors __metadata__
         self.files, weight_map = self._find_files(allow_pickle)
         self.infos = self._read_headers(weight_map)
 
     # -- discovery and validation -------------------------------------------------------------
     def _find_files(self, allow_pickle: bool) -> tuple[list[str], dict[str, str] | None]:
         p = self.path
-        if (p / SAFE_INDEX).is_file():
-            weight_map = _read_index(p / SAFE_INDEX)
-            return sorted(set(weight_map.values())), weight_map
+        for index in (SAFE_INDEX, SPARSE_INDEX):
+            if (p / index).is_file():
+                weight_map = _read_index(p / index)
+                return sorted(set(weight_map.values())), weight_map
         if (p / SAFE_SINGLE).is_file():
             return [SAFE_SINGLE], None
         pickles = (p / PICKLE_INDEX).is_file() or (p / PICKLE_SINGLE).is_file()
@@ -159,7 +161,7 @@ class CheckpointReader:
                 if size < 8 or n > size - 8:
                     raise ValueError("header longer than the file")
                 header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
+            self.metadata[fpath.name] = header.pop("__metadata__", None) or {}
             end = max((v["data_offsets"][1] for v in header.values()), default=0)
             if 8 + n + end != size:
                 raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")

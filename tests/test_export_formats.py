@@ -63,3 +63,19 @@ def test_format_refused(capsys, tiny_llama, tmp_path, args, match):
     assert main([str(tiny_llama), *args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert match in err and not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "packed24"])
+def test_llm_prune_load_reads_every_format_bit_identical(tiny_llama, tmp_path, fmt):
+    import llm_prune
+
+    cfg = PruneConfig(sparsity=Sparsity.parse(None, "2:4"))
+    prune_checkpoint(tiny_llama, cfg, tmp_path / "dense", progress=False)
+    prune_checkpoint(tiny_llama, cfg, tmp_path / fmt, fmt=fmt, progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    loaded = llm_prune.load(tmp_path / fmt, dtype=torch.float32, progress=False)
+    ref_state = reference.state_dict()
+    assert all(torch.equal(t, ref_state[n]) for n, t in loaded.state_dict().items())
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)

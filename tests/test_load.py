@@ -241,7 +241,7 @@ def test_registered_decoder_turns_stored_tensors_dense(tmp_path, tiny_llama):
                               [n, dense + ".bottom"])
         return out
 
-    register_decoder(Decoder("halves", plan, lambda n, s: torch.cat([s[n + ".top"], s[n + ".bottom"]])))
+    register_decoder(Decoder("halves", plan, lambda n, s, meta: torch.cat([s[n + ".top"], s[n + ".bottom"]])))
     try:
         assert_bitwise(load(src, progress=False), hf_load(tiny_llama))
         ref = export_then_load(tiny_llama, tmp_path / "out", 0.5, None, "global")
