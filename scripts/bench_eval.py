@@ -40,7 +40,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--mmlu-variants", default="omp-0.5-layer", help="variants also scored on MMLU (slow on CPU)")
+    p.add_argument("--summarize", action="store_true", help="only print the markdown tables of OUT/bench.json")
     args = p.parse_args()
+    if args.summarize:
+        print(summarize(json.loads((args.out / "bench.json").read_text())["rows"]))
+        return
     src = resolve_model("smollm2-135m")
     base = dict(batch_size=args.batch_size, seqlen=args.seqlen, ppl_windows=args.ppl_windows, data="local",
                 progress=False, device="cpu")
@@ -64,6 +68,33 @@ def main() -> None:
                                                                           payload["dense_baseline"]["tasks"].items() if e.get("cached")]})
         print(name, tasks, f"{time.perf_counter() - t0:.0f} s", flush=True)
         (args.out / "bench.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
+
+    print(summarize(rows))
+
+
+def summarize(rows: dict) -> str:
+    """Markdown: one column per variant (dense first), one row per (task, metric); throughput after."""
+    cells, dense, timing = {}, {}, []
+    for name, items in rows.items():
+        for r in items:
+            if "task" in r:
+                cells[(r["task"], r["metric"], name)] = r["pruned"]
+                dense[(r["task"], r["metric"])] = r["dense"]
+            else:
+                for side, tp in (("dense", r["dense_throughput"]), (name, r["throughput"])):
+                    for t, v in tp.items():
+                        if v and (side != "dense" or t not in r["dense_cached"]):
+                            timing.append((side, t, v))
+    names = list(rows)
+    fmt = lambda v, m: "-" if v is None else (f"{v:.2f}" if m == "ppl" else f"{100 * v:.1f}")
+    out = ["| task | metric | dense | " + " | ".join(names) + " |", "|---|---|" + "---:|" * (len(names) + 1)]
+    for (task, metric), d in dense.items():
+        out.append(f"| {task} | {metric} | {fmt(d, metric)} | "
+                   + " | ".join(fmt(cells.get((task, metric, n)), metric) for n in names) + " |")
+    out += ["", "| model | task | requests | model s | requests/s |", "|---|---|---:|---:|---:|"]
+    out += [f"| {side} | {t} | {v['requests']} | {v['model_seconds']:.1f} | {v['requests_per_s']:.2f} |"
+            for side, t, v in timing]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
