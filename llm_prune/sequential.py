@@ -32,6 +32,7 @@ from .arch import Arch
 from .calibration import CalibConfig, calibration_windows, load_tokenizer, resolve_device
 from .config import PruneConfig
 from .errors import UserError
+from .kernels.formats import decode_all, encode_all
 from .masks import all_finite
 from .methods import get_method
 from .stream import CheckpointReader, ShardWriter, Unit
@@ -44,10 +45,11 @@ class _StopForward(Exception):
 
 
 def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConfig, calib: CalibConfig,
-                     arch: Arch, writer: ShardWriter, progress: bool = True) -> dict:
+                     arch: Arch, writer: ShardWriter, progress: bool = True, fmt: str = "dense") -> dict:
     """Prune every unit's targets with ``cfg.method`` (a calibration method) and write them.
 
-    Same records and shard names as ``pipeline._prune_units``; finished units are skipped.
+    Same records, shard names and storage formats (``fmt``) as ``pipeline._prune_units``;
+    finished units are skipped.
     Returns the fields to add to ``sparsity.json`` (``{"calibration": {...}}``).
     """
     method = get_method(cfg.method)
@@ -96,7 +98,7 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
     bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
     with torch.no_grad():
         for pos, unit in enumerate(bar):
-            file = f"model-{pos + 1:05d}-of-{n_units:05d}.safetensors"
+            file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
             if unit.block is None:
                 if not writer.done(unit):
                     writer.write(unit, file, reader.read(unit.names), {"stats": {}}, state)
@@ -131,8 +133,9 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
             if unit.block < len(blocks) - 1:
                 x = run_block(block, x, kwargs, device, dtype, collect=True)
             blocks[unit.block] = block.to("meta")
-            writer.write(unit, file, tensors, {"stats": stats}, state)
-            del tensors, block
+            stored, meta = encode_all(tensors, {n: fmt for n in unit.targets})
+            writer.write(unit, file, stored, {"stats": stats}, state, metadata=meta)
+            del tensors, stored, block
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(s_per_block=f"{seconds[-1]:.1f}")
     if seconds:
@@ -250,7 +253,8 @@ def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, 
 
 def _read_written(writer: ShardWriter, unit: Unit) -> dict[str, torch.Tensor]:
     with safe_open(writer.tmp / writer.records()[unit.key]["file"], "pt") as f:
-        return {n: f.get_tensor(n) for n in unit.names}
+        stored, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    return {n: t for n, t in decode_all(stored, meta).items() if n in unit.names}
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *, collect: bool,

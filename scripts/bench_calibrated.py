@@ -32,7 +32,7 @@ import torch
 PATTERNS = {"0.5": (0.5, None), "4:8": (None, "4:8"), "2:4": (None, "2:4")}
 
 
-def run_pruning(src: Path, method: str, pattern: str, out: Path, calib) -> dict:
+def run_pruning(src: Path, method: str, pattern: str, out: Path, calib, fmt: str = "dense") -> dict:
     """prune_checkpoint's flow, with prune_sequential for calibration methods."""
     from llm_prune.arch import arch_for
     from llm_prune.config import PruneConfig, Sparsity
@@ -48,17 +48,26 @@ def run_pruning(src: Path, method: str, pattern: str, out: Path, calib) -> dict:
     arch = arch_for(reader.config)
     units = reader.units(arch)
     select_targets(units, reader.infos, arch, cfg)
-    writer = ShardWriter(out, _run_key(reader, cfg), overwrite=True)
+    writer = ShardWriter(out, _run_key(reader, cfg, fmt), overwrite=True)
     method_ = get_method(method)
     if method_.needs_calibration:
-        extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress=False)
+        extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress=False, fmt=fmt)
     else:
-        _prune_units(reader, units, cfg, arch, method_, writer, None, False)
+        _prune_units(reader, units, cfg, arch, method_, writer, None, False, fmt)
         extra = {}
-    report = _report(reader, units, cfg, writer, str(src), src, {}, t0) | extra
+    report = _report(reader, units, cfg, writer, str(src), src, {}, t0, fmt) | extra
     weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
     writer.finish({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, src, {"sparsity.json": report})
     return report
+
+
+def vm_hwm() -> int:
+    """Peak RSS of this process. Not ru_maxrss: Linux carries that across exec from the parent
+    (which here holds a model for perplexity), while VmHWM starts fresh with the new program."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cmd_prune(args) -> None:
@@ -66,9 +75,9 @@ def cmd_prune(args) -> None:
 
     torch.set_num_threads(args.threads)
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
+    rss0 = vm_hwm()  # after imports
     report = run_pruning(Path(args.src), args.method, args.pattern, Path(args.out), calib)
-    print(json.dumps({"time_s": report["run"]["time_s"], "peak_rss_bytes": report["run"]["peak_rss_bytes"],
+    print(json.dumps({"time_s": report["run"]["time_s"], "peak_rss_bytes": vm_hwm(),
                       "rss_after_imports": rss0, "targeted": report["achieved"]["targeted"],
                       "calibration": report.get("calibration")}))
 
@@ -167,16 +176,63 @@ def cmd_speed7b(args) -> None:
         solve[name] = {"seconds_each": round(time.perf_counter() - t, 2), "count": copies}
     print(json.dumps({"blocks": args.blocks, "calibration_tokens": args.nsamples * args.seqlen,
                       "seconds_per_block": report["calibration"]["seconds_per_block"], "time_s": report["run"]["time_s"],
-                      "peak_rss_mib": report["run"]["peak_rss_bytes"] / 2**20,
+                      "peak_rss_mib": vm_hwm() / 2**20,
                       "checkpoint_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
                       "solve_only": solve, "solve_only_total_s": round(sum(v["seconds_each"] * v["count"] for v in solve.values()), 1),
                       "threads": args.threads}, indent=1))
 
 
+def cmd_llmc_windows(args) -> None:
+    """Write our calibration windows to a file, so llm-compressor calibrates on the same tokens."""
+    from llm_prune.calibration import CalibConfig, calibration_windows, load_tokenizer
+    from llm_prune.models import resolve_model
+
+    src = resolve_model("smollm2-135m")
+    windows, _ = calibration_windows(CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+                                     load_tokenizer(src), args.seqlen)
+    torch.save({"src": str(src), "windows": windows}, args.out)
+
+
+def cmd_llmc(args) -> None:
+    """Run llm-compressor's SparseGPT / Wanda on the same model and windows. Runs ONLY in the
+    separate venv that has llmcompressor (never a dependency of llm-prune):
+        /tmp/llmc/bin/python scripts/bench_calibrated.py llmc --windows W.pt --method sparsegpt --pattern 2:4 --out DIR"""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    saved = torch.load(args.windows)
+    windows = saved["windows"]
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    structure = "0:0" if args.pattern == "0.5" else args.pattern
+    modifier = (SparseGPTModifier(sparsity=0.5, mask_structure=structure, block_size=128, dampening_frac=0.01,
+                                  targets=["Linear"], ignore=["lm_head"])
+                if args.method == "sparsegpt" else
+                WandaPruningModifier(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["lm_head"]))
+    model = AutoModelForCausalLM.from_pretrained(saved["src"], dtype=torch.float32)
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=windows.shape[0],
+            max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - t0
+    model.to(torch.bfloat16).save_pretrained(args.out)
+    print(json.dumps({"method": args.method, "pattern": args.pattern, "oneshot_s": round(seconds, 2),
+                      "peak_rss_mib": vm_hwm() / 2**20}))
+
+
+def cmd_ppl(args) -> None:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    ids = heldout_ids(AutoTokenizer.from_pretrained(args.dir))
+    print(json.dumps({"dir": args.dir, "ppl": perplexity(Path(args.dir), ids, args.ppl_seqlen, args.ppl_windows)}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("quality", "prune", "speed7b"):
+    for name in ("quality", "prune", "speed7b", "llmc_windows", "llmc", "ppl"):
         s = sub.add_parser(name)
         s.add_argument("--nsamples", type=int, default=16)
         s.add_argument("--seqlen", type=int, default=512)
@@ -194,8 +250,19 @@ def main() -> None:
     pr.add_argument("--pattern", required=True, choices=sorted(PATTERNS))
     pr.add_argument("--out", required=True)
     sub.choices["speed7b"].add_argument("--blocks", type=int, default=1)
+    sub.choices["llmc_windows"].add_argument("--out", required=True)
+    lc = sub.choices["llmc"]
+    lc.add_argument("--windows", required=True)
+    lc.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
+    lc.add_argument("--pattern", required=True, choices=["0.5", "2:4", "4:8"])
+    lc.add_argument("--out", required=True)
+    pp = sub.choices["ppl"]
+    pp.add_argument("--dir", required=True)
+    pp.add_argument("--ppl-seqlen", type=int, default=512)
+    pp.add_argument("--ppl-windows", type=int, default=6)
     args = p.parse_args()
-    {"quality": cmd_quality, "prune": cmd_prune, "speed7b": cmd_speed7b}[args.cmd](args)
+    {"quality": cmd_quality, "prune": cmd_prune, "speed7b": cmd_speed7b, "llmc_windows": cmd_llmc_windows,
+     "llmc": cmd_llmc, "ppl": cmd_ppl}[args.cmd](args)
 
 
 if __name__ == "__main__":

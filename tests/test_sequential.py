@@ -18,7 +18,7 @@ from llm_prune.config import PruneConfig, Sparsity
 from llm_prune.errors import UserError
 from llm_prune.masks import is_nm
 from llm_prune.methods import get_method
-from llm_prune.pipeline import _report, _run_key, select_targets
+from llm_prune.pipeline import _report, _run_key, index_name, select_targets
 from llm_prune.sequential import build_skeleton, capture_block_inputs, prune_sequential
 from llm_prune.stream import CheckpointReader, ShardWriter
 
@@ -57,16 +57,16 @@ def calib_for(text, **kw) -> CalibConfig:
     return CalibConfig(**{"source": str(text), "nsamples": 6, "seqlen": 32, "seed": 0, "blocksize": 16, **kw})
 
 
-def run(src: Path, cfg: PruneConfig, calib: CalibConfig, out: Path, *, resume=False) -> dict:
+def run(src: Path, cfg: PruneConfig, calib: CalibConfig, out: Path, *, resume=False, fmt="dense") -> dict:
     """What prune_checkpoint does, with prune_sequential in place of _prune_units."""
     t0 = time.perf_counter()
     reader = CheckpointReader(src)
     arch = arch_for(reader.config)
     units = reader.units(arch)
     select_targets(units, reader.infos, arch, cfg)
-    writer = ShardWriter(out, _run_key(reader, cfg), resume=resume)
-    extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress=False)
-    report = _report(reader, units, cfg, writer, str(src), src, {}, t0) | extra
+    writer = ShardWriter(out, _run_key(reader, cfg, fmt), resume=resume, index_name=index_name(fmt))
+    extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress=False, fmt=fmt)
+    report = _report(reader, units, cfg, writer, str(src), src, {}, t0, fmt) | extra
     weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
     writer.finish({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, src, {"sparsity.json": report})
     return report
@@ -76,6 +76,18 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
+    return out
+
+
+def decoded(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from llm_prune.kernels.formats import decode_all
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            out.update(decode_all({n: sf.get_tensor(n) for n in sf.keys()}, sf.metadata()))
     return out
 
 
@@ -157,7 +169,7 @@ def test_same_seed_same_bytes_and_another_seed_differs(llama_dir, calib_text, tm
 
 def test_resume_rebuilds_the_next_inputs_from_written_shards(llama_dir, calib_text, tmp_path, monkeypatch):
     cfg, calib = PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5, 2, 4)), calib_for(calib_text)
-    run(llama_dir, cfg, calib, tmp_path / "full")
+    run(llama_dir, cfg, calib, tmp_path / "full", fmt="packed24")
     real_write, written = ShardWriter.write, []
 
     def write_two_then_die(self, unit, *args, **kw):
@@ -168,14 +180,17 @@ def test_resume_rebuilds_the_next_inputs_from_written_shards(llama_dir, calib_te
 
     monkeypatch.setattr(ShardWriter, "write", write_two_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(llama_dir, cfg, calib, tmp_path / "resumed")
+        run(llama_dir, cfg, calib, tmp_path / "resumed", fmt="packed24")
     monkeypatch.setattr(ShardWriter, "write", real_write)
     assert written == ["block.0", "block.1"]
     with pytest.raises(UserError, match="other calibration settings"):
-        run(llama_dir, cfg, calib_for(calib_text, nsamples=5), tmp_path / "resumed", resume=True)
-    report = run(llama_dir, cfg, calib, tmp_path / "resumed", resume=True)
+        run(llama_dir, cfg, calib_for(calib_text, nsamples=5), tmp_path / "resumed", resume=True, fmt="packed24")
+    report = run(llama_dir, cfg, calib, tmp_path / "resumed", resume=True, fmt="packed24")
     assert report["run"]["resumed_units"] == 2
-    assert digest(tmp_path / "resumed") == digest(tmp_path / "full")
+    full, resumed = decoded(tmp_path / "full"), decoded(tmp_path / "resumed")
+    assert sorted(full) == sorted(resumed) and all(torch.equal(full[n], resumed[n]) for n in full), \
+        [n for n in full if not torch.equal(full[n], resumed[n])]
+    assert all(f.name.startswith("sparse-") for f in (tmp_path / "full").glob("*.safetensors"))
 
 
 def test_only_the_embedding_is_materialised_to_capture_block_inputs(llama_dir):
