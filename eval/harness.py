@@ -10,6 +10,7 @@ standard table (``mmlu.py``), the same size weighting lm-eval's groups use.
 from __future__ import annotations
 
 import logging
+import functools
 import os
 import time
 import urllib.request
@@ -69,6 +70,7 @@ def evaluate_lm(lm, tasks: list[str], settings: EvalSettings) -> dict | None:
     return out
 
 
+@functools.lru_cache(maxsize=None)  # one probe per process
 def resolve_data(data: str) -> str:
     """"local" or "hub": auto picks the hub only when it answers within a few seconds."""
     if data != "auto":

@@ -62,7 +62,11 @@ def token_perplexity(model, ids: torch.Tensor, seqlen: int, *, batch_size: int =
 
 def ppl_text(data: str) -> tuple[str, dict]:
     """The perplexity test text and its source description, for ``data`` in local|hub|auto."""
-    if data in ("hub", "auto") and not _offline():
+    if data == "auto":  # probe the hub once (3 s at most) instead of the datasets library's retries
+        from .harness import resolve_data
+
+        data = resolve_data(data)
+    if data == "hub" and not _offline():
         try:
             from datasets import load_dataset
 

@@ -1,6 +1,7 @@
 """``llm-prune``: argv -> frozen config -> one call per stage. Nothing below this file sees argv.
 
-    llm-prune MODEL --method omp --sparsity 0.4 [--scope global] [--pattern 2:4] [--out DIR]
+    llm-prune MODEL --method omp --sparsity 0.4 [--scope global] [--pattern 2:4] [--out DIR] [--eval mmlu]
+    llm-prune eval PATH --tasks mmlu,ppl,arc_easy
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .calibration import add_calibration_arguments, calib_config_from_args
 from .config import DEFAULT_TARGETS, SCOPES, PruneConfig, Sparsity
 from .errors import UserError
+from .eval import cli as eval_cli
 from .methods import METHODS
 from .models import ALIASES, DEFAULT_MODEL, EMBEDDED, resolve_model
 from .report import format_summary
@@ -21,7 +24,8 @@ from .report import format_summary
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llm-prune",
-        description="One-shot pruning of pre-trained transformers, streamed one block at a time.",
+        description="One-shot pruning of pre-trained transformers, streamed one block at a time. "
+                    "`llm-prune eval PATH` evaluates a checkpoint (see `llm-prune eval --help`).",
         epilog=f"Known names: {', '.join(sorted([*ALIASES, *EMBEDDED]))}. Default model: {DEFAULT_MODEL}.",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -45,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run's report as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--version", action="version", version=f"llm-prune {__version__}")
+    add_calibration_arguments(p)
+    g = p.add_argument_group("evaluation (after pruning)")
+    g.add_argument("--eval", metavar="TASKS",
+                   help="evaluate the pruned model beside the dense baseline: mmlu, ppl, arc_easy, piqa, hellaswag, ...")
+    g.add_argument("--no-dense-baseline", action="store_true", help="with --eval: skip the dense model")
+    g.add_argument("--no-save", action="store_true",
+                   help="with --eval: prune on the fly while loading and write no checkpoint (results go to --out)")
+    eval_cli.add_settings_arguments(g, prefix="eval-")
     return p
 
 
@@ -55,16 +67,11 @@ def default_out(model: str, cfg: PruneConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
-                          scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude))
-        out = args.out or default_out(args.model, cfg)
-        src = resolve_model(args.model)
-        from .pipeline import prune_checkpoint  # heavy imports after argument checks
-
-        report = prune_checkpoint(src, cfg, out, fmt=args.format, source_name=args.model, overwrite=args.overwrite,
-                                  resume=args.resume, allow_pickle=args.allow_pickle, progress=not args.quiet)
+        if argv[:1] == ["eval"]:
+            return _eval(argv[1:])
+        return _prune(build_parser().parse_args(argv[1:] if argv[:1] == ["prune"] else argv))
     except UserError as e:
         print(f"llm-prune: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -72,7 +79,66 @@ def main(argv: list[str] | None = None) -> int:
         print("llm-prune: interrupted; finished blocks are kept, run again with --resume to continue",
               file=sys.stderr)
         return 130
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llm-prune eval", description="Evaluate a checkpoint directory (dense or exported).")
+    eval_cli.add_arguments(p)
+    return eval_cli.run(p.parse_args(argv))
+
+
+def _prune(args: argparse.Namespace) -> int:
+    cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
+                      scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude))
+    calib = calib_config_from_args(args)
+    if args.no_save and not args.eval:
+        raise UserError("--no-save only makes sense with --eval (otherwise nothing would come out)")
+    tasks = eval_cli.parse_tasks(args.eval) if args.eval else []
+    settings = eval_cli.settings_from_args(args, prefix="eval-", progress=not args.quiet) if tasks else None
+    out = args.out or default_out(args.model, cfg)
+    src = resolve_model(args.model)
+    progress = not args.quiet
+
+    if args.no_save:  # prune while loading: nothing written but the evaluation results
+        from .load import from_pretrained
+
+        model = from_pretrained(src, method=cfg.method, sparsity=None if cfg.sparsity.is_nm else cfg.sparsity.ratio,
+                                pattern=f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
+                                scope=cfg.scope, targets=cfg.targets, exclude=cfg.exclude,
+                                allow_pickle=args.allow_pickle, progress=progress, **_placement(settings))
+        return _evaluate(src, model, tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
+
+    from .pipeline import prune_checkpoint  # heavy imports after argument checks
+
+    report = prune_checkpoint(src, cfg, out, fmt=args.format, calib=calib, source_name=args.model,
+                              overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
+                              progress=progress)
     print(json.dumps(report, indent=2) if args.json else format_summary(report, out))
+    if not tasks:
+        return 0
+    if args.format == "dense":
+        pruned = out  # transformers loads it directly
+    else:
+        from .load import load
+
+        pruned = load(out, progress=progress, **_placement(settings))
+    return _evaluate(src, pruned, tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
+
+
+def _placement(settings) -> dict:
+    """dtype and device for a model evaluated in memory, chosen as for a checkpoint path."""
+    from .eval.load import pick_device, pick_dtype
+
+    device = pick_device(settings.device)
+    return {"dtype": pick_dtype(settings.dtype, device), "device_map": {"": device}}
+
+
+def _evaluate(src: Path, pruned, tasks, settings, out: Path, args, label: str) -> int:
+    from .eval.api import evaluate_pruned
+
+    evaluate_pruned(src, pruned, tasks, settings, out, dense_baseline=not args.no_dense_baseline,
+                    label=label, echo=True)
+    print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'report.md'}")
     return 0
 
 

@@ -24,49 +24,55 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .arch import arch_for
+from .calibration import CalibConfig
 from .config import PruneConfig
 from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
 from .masks import Threshold, find_threshold, inf_key, key_dtype, key_to_value, magnitude_key, threshold_keep
 from .methods import get_method
 from .kernels.formats import check_encodable, encode_all
+from .sequential import prune_sequential
 from .stream import SAFE_INDEX, SPARSE_INDEX, Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, fmt: str = "dense", source_name: str | None = None,
-                     overwrite: bool = False, resume: bool = False, allow_pickle: bool = False,
-                     progress: bool = True) -> dict:
+def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, fmt: str = "dense", calib: CalibConfig | None = None,
+                     source_name: str | None = None, overwrite: bool = False, resume: bool = False,
+                     allow_pickle: bool = False, progress: bool = True) -> dict:
     """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload.
 
     ``fmt`` stores the pruned targets as ``dense`` (zeros in place, loadable by anything),
     ``bitmask`` or ``packed24`` (see llm_prune.kernels.formats; loaded by ``llm_prune.load``).
+    Calibration methods (SparseGPT, Wanda) run sequentially over the blocks with ``calib``.
     """
     t0 = time.perf_counter()
     method = get_method(cfg.method)
-    if method.needs_calibration:
-        raise UserError(f"method {cfg.method!r} needs calibration data, which this pipeline does not run yet")
+    calib = (calib or CalibConfig()) if method.needs_calibration else None
     reader = CheckpointReader(src, allow_pickle=allow_pickle)
     arch = arch_for(reader.config)
     units = reader.units(arch)
     select_targets(units, reader.infos, arch, cfg)
     check_format(units, reader.infos, arch, cfg, fmt)
     out = Path(out)
-    writer = ShardWriter(out, _run_key(reader, cfg, fmt), overwrite=overwrite, resume=resume,
+    writer = ShardWriter(out, _run_key(reader, cfg, fmt, calib), overwrite=overwrite, resume=resume,
                          index_name=index_name(fmt))
     try:
         check_free_space(out.parent, sum(i.nbytes for i in reader.infos.values()) - _written_bytes(writer))
         # Hash the source in the background: it is I/O the pruning loop can overlap.
         with ThreadPoolExecutor(1) as pool:
             hashes = pool.submit(lambda: {f: file_sha256(src / f) for f in reader.files})
-            threshold = _global_threshold(reader, units, cfg, writer, progress) if cfg.scope == "global" else None
-            _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt)
+            extra = {}
+            if calib is not None:
+                extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress, fmt)
+            else:
+                threshold = _global_threshold(reader, units, cfg, writer, progress) if cfg.scope == "global" else None
+                _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt)
             file_hashes = hashes.result()
     except UserError:
         writer.abort()  # bad data: nothing half-written stays behind
         raise
-    report = _report(reader, units, cfg, writer, source_name or str(src), src, file_hashes, t0, fmt)
+    report = {**_report(reader, units, cfg, writer, source_name or str(src), src, file_hashes, t0, fmt), **extra}
     weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
     index = {"metadata": {"total_size": report["run"]["output_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
     writer.finish(index, src, {"sparsity.json": report})
@@ -170,11 +176,11 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
         del tensors
 
 
-def _run_key(reader: CheckpointReader, cfg: PruneConfig, fmt: str) -> dict:
+def _run_key(reader: CheckpointReader, cfg: PruneConfig, fmt: str, calib: CalibConfig | None) -> dict:
     """What a resumed run must share with the one that left the partial directory."""
     files = {f: [os.stat(reader.path / f).st_size, os.stat(reader.path / f).st_mtime_ns] for f in reader.files}
-    return {"config": cfg.to_json(), "format": fmt, "source": str(reader.path.resolve()), "files": files,
-            "version": __version__}
+    return {"config": cfg.to_json(), "format": fmt, "calibration": calib.to_json() if calib else None,
+            "source": str(reader.path.resolve()), "files": files, "version": __version__}
 
 
 def _written_bytes(writer: ShardWriter) -> int:
