@@ -9,7 +9,7 @@ process so its peak RSS is its own; then measures token perplexity (llm_prune.ev
 exp(mean NLL), non-overlapping windows) on the *held-out* split of the same passages, which
 calibration never sees. ``speed7b`` times SparseGPT on a synthetic one-block checkpoint with
 Llama-2-7B block shapes (hidden 4096, MLP 11008, 32 heads), random bf16 weights.
-The runs call prune_sequential exactly the way prune_checkpoint does (see run_pruning).
+Pruning goes through llm_prune.pipeline.prune_checkpoint (which runs prune_sequential for calibration methods).
 """
 
 from __future__ import annotations
@@ -33,32 +33,12 @@ PATTERNS = {"0.5": (0.5, None), "4:8": (None, "4:8"), "2:4": (None, "2:4")}
 
 
 def run_pruning(src: Path, method: str, pattern: str, out: Path, calib, fmt: str = "dense") -> dict:
-    """prune_checkpoint's flow, with prune_sequential for calibration methods."""
-    from llm_prune.arch import arch_for
     from llm_prune.config import PruneConfig, Sparsity
-    from llm_prune.pipeline import _prune_units, _report, _run_key, select_targets
-    from llm_prune.methods import get_method
-    from llm_prune.sequential import prune_sequential
-    from llm_prune.stream import CheckpointReader, ShardWriter
+    from llm_prune.pipeline import prune_checkpoint
 
-    t0 = time.perf_counter()
     ratio, nm = PATTERNS[pattern]
     cfg = PruneConfig(method=method, sparsity=Sparsity.parse(ratio, nm))
-    reader = CheckpointReader(src)
-    arch = arch_for(reader.config)
-    units = reader.units(arch)
-    select_targets(units, reader.infos, arch, cfg)
-    writer = ShardWriter(out, _run_key(reader, cfg, fmt), overwrite=True)
-    method_ = get_method(method)
-    if method_.needs_calibration:
-        extra = prune_sequential(reader, units, cfg, calib, arch, writer, progress=False, fmt=fmt)
-    else:
-        _prune_units(reader, units, cfg, arch, method_, writer, None, False, fmt)
-        extra = {}
-    report = _report(reader, units, cfg, writer, str(src), src, {}, t0, fmt) | extra
-    weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
-    writer.finish({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, src, {"sparsity.json": report})
-    return report
+    return prune_checkpoint(src, cfg, out, fmt=fmt, calib=calib, overwrite=True, progress=False)
 
 
 def vm_hwm() -> int:
