@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..stream import SPARSE_INDEX
 from .settings import EvalSettings
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,14 @@ def load_model(path: Path, settings: EvalSettings, tokenizer: str | Path | None 
     kw = model_kwargs(settings)
     log.info("loading %s on %s as %s%s", path, device, kw["dtype"], f" ({settings.load_in})" if settings.load_in else "")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        if (path / SPARSE_INDEX).is_file():  # bitmask / packed24 export: decode while loading
+            if settings.load_in is not None:
+                raise UserError(f"--load-in does not apply to {path}, a compressed export (load it dense)")
+            from ..load import load
+
+            model = load(path, dtype=kw["dtype"], progress=settings.progress)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {path} as a causal LM: {str(e).splitlines()[0]}") from None
     if settings.load_in is None:

@@ -44,3 +44,12 @@ def test_calibration_method_through_cli(tiny_llama, tmp_path):
     assert main([str(tiny_llama), "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "o"),
                  "--nsamples", "2", "--seqlen", "16", "--quiet"]) == 2
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_eval_subcommand_reads_compressed_export(smollm2_dir, tmp_path):
+    dense_out, packed_out = tmp_path / "dense", tmp_path / "packed"
+    for out, fmt in [(dense_out, "dense"), (packed_out, "packed24")]:
+        assert main(["smollm2-135m", "--pattern", "2:4", "--format", fmt, "--out", str(out), "--quiet"]) == 0
+        assert main(["eval", str(out), "--tasks", "ppl", "--seqlen", "128", "--ppl-windows", "2",
+                     "--data", "local", "--quiet"]) == 0
+    assert ppl_of(dense_out)["pruned"] == ppl_of(packed_out)["pruned"]
