@@ -53,8 +53,11 @@ if sys.byteorder != "little":  # the packers read groups of lanes as little-endi
 FORMATS = ("dense", "bitmask", "packed24")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-# Key in a safetensors file's __metadata__ that describes the encoded tensor NAME.
-META_PREFIX = "llm_prune.encoding:"
+# The one key in a safetensors file's __metadata__ that describes its encoded tensors: a JSON
+# object {NAME: {"format", "shape", "dtype", "version"}} with sorted keys. One key, not one per
+# tensor: safetensors writes __metadata__ from a hash map in random order, so several keys would
+# make identical runs write different bytes.
+META_KEY = "llm_prune.encodings"
 SUFFIXES = {"dense": ("",), "bitmask": (".values", ".mask", ".row_offsets"), "packed24": (".values", ".meta")}
 _VERSION = "1"
 
@@ -89,7 +92,7 @@ def encode(name: str, w: torch.Tensor, fmt: str) -> tuple[dict[str, torch.Tensor
     parts = _encode_bitmask(w) if fmt == "bitmask" else _encode_packed24(name, w)
     stored = {name + suffix: t for suffix, t in zip(SUFFIXES[fmt], parts)}
     info = {"format": fmt, "shape": list(w.shape), "dtype": _dtype_name(w.dtype), "version": _VERSION}
-    return stored, {META_PREFIX + name: json.dumps(info)}
+    return stored, _meta({name: info})
 
 
 def decode(name: str, stored: dict[str, torch.Tensor], meta: dict[str, str]) -> torch.Tensor:
@@ -112,18 +115,39 @@ def decode(name: str, stored: dict[str, torch.Tensor], meta: dict[str, str]) -> 
     return _decode_packed24(name, *parts, shape, dtype)
 
 
+def encoded_names(meta: dict[str, str] | None) -> list[str]:
+    """Names of the tensors a file's ``__metadata__`` describes as encoded."""
+    return list(_encodings(meta))
+
+
+def _encodings(meta: dict[str, str] | None) -> dict:
+    raw = (meta or {}).get(META_KEY)
+    if raw is None:
+        return {}
+    try:
+        table = json.loads(raw)
+        if isinstance(table, dict):
+            return table
+    except ValueError:
+        pass
+    raise UserError(f"the {META_KEY} metadata is not valid JSON: {raw[:80]!r}")
+
+
+def _meta(table: dict) -> dict[str, str]:
+    return {META_KEY: json.dumps(table, sort_keys=True)} if table else {}
+
+
 def tensor_info(name: str, meta: dict[str, str] | None) -> dict | None:
     """The parsed metadata entry of ``name`` (format, shape, dtype, version), or None if dense."""
-    raw = (meta or {}).get(META_PREFIX + name)
-    if raw is None:
+    info = _encodings(meta).get(name)
+    if info is None:
         return None
     try:
-        info = json.loads(raw)
         ok = info["format"] in FORMATS and info["dtype"] in DTYPES and len(info["shape"]) == 2
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         ok = False
     if not ok:
-        raise UserError(f"the metadata of {name} is not a valid llm-prune encoding: {raw!r}")
+        raise UserError(f"the metadata of {name} is not a valid llm-prune encoding: {info!r}")
     if info.get("version") != _VERSION:
         raise UserError(f"{name} uses encoding version {info.get('version')}; this llm-prune reads "
                         f"version {_VERSION}: upgrade llm-prune")
@@ -132,20 +156,20 @@ def tensor_info(name: str, meta: dict[str, str] | None) -> dict | None:
 
 def encode_all(tensors: dict[str, torch.Tensor], formats: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Encode a shard: ``formats`` maps names to a format; names not in it stay dense."""
-    stored, meta = {}, {}
+    stored, table = {}, {}
     for name, w in tensors.items():
         s, m = encode(name, w, formats.get(name, "dense"))
         clash = stored.keys() & s.keys()
         if clash:
             raise UserError(f"stored name {sorted(clash)[0]} is produced twice in one shard")
         stored.update(s)
-        meta.update(m)
-    return stored, meta
+        table.update(_encodings(m))
+    return stored, _meta(table)
 
 
 def decode_all(stored: dict[str, torch.Tensor], meta: dict[str, str] | None) -> dict[str, torch.Tensor]:
     """Every original tensor of a shard: encoded ones decoded, the rest passed through."""
-    encoded = [k[len(META_PREFIX):] for k in (meta or {}) if k.startswith(META_PREFIX)]
+    encoded = encoded_names(meta)
     out, used = {}, set()
     for name in encoded:
         out[name] = decode(name, stored, meta)

@@ -89,12 +89,10 @@ def _formats_plan(reader: CheckpointReader) -> dict[str, tuple[TensorInfo, list[
     ``__metadata__`` names them, with their dense shape and dtype."""
     plan = {}
     for file, meta in reader.metadata.items():
-        for key in meta:
-            if key.startswith(formats.META_PREFIX):
-                name = key[len(formats.META_PREFIX):]
-                info = formats.tensor_info(name, meta)
-                dense = TensorInfo(name, file, formats.DTYPES[info["dtype"]], tuple(info["shape"]))
-                plan[name] = (dense, formats.stored_names(name, info["format"]))
+        for name in formats.encoded_names(meta):
+            info = formats.tensor_info(name, meta)
+            dense = TensorInfo(name, file, formats.DTYPES[info["dtype"]], tuple(info["shape"]))
+            plan[name] = (dense, formats.stored_names(name, info["format"]))
     return plan
 
 

@@ -37,7 +37,7 @@ from .stream import SAFE_INDEX, SPARSE_INDEX, Arena, CheckpointReader, ShardWrit
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, fmt: str = "dense", calib: CalibConfig | None = None,
+def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt: str = "dense", calib: CalibConfig | None = None,
                      source_name: str | None = None, overwrite: bool = False, resume: bool = False,
                      allow_pickle: bool = False, progress: bool = True) -> dict:
     """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload.
@@ -47,6 +47,7 @@ def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, fmt: str = "dens
     Calibration methods (SparseGPT, Wanda) run sequentially over the blocks with ``calib``.
     """
     t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
     method = get_method(cfg.method)
     calib = (calib or CalibConfig()) if method.needs_calibration else None
     reader = CheckpointReader(src, allow_pickle=allow_pickle)
@@ -54,7 +55,6 @@ def prune_checkpoint(src: Path, cfg: PruneConfig, out: Path, *, fmt: str = "dens
     units = reader.units(arch)
     select_targets(units, reader.infos, arch, cfg)
     check_format(units, reader.infos, arch, cfg, fmt)
-    out = Path(out)
     writer = ShardWriter(out, _run_key(reader, cfg, fmt, calib), overwrite=overwrite, resume=resume,
                          index_name=index_name(fmt))
     try:

@@ -301,7 +301,9 @@ class ShardWriter:
         path = self.tmp / file
         part = path.with_name(path.name + ".tmp")
         try:
-            save_file(tensors, str(part), metadata={"format": "pt", **(metadata or {})})
+            # One metadata key at most: safetensors writes __metadata__ from a hash map in random
+            # order, and several keys would make identical runs write different bytes.
+            save_file(tensors, str(part), metadata=metadata or {"format": "pt"})
             os.replace(part, path)
         except OSError as e:
             part.unlink(missing_ok=True)

@@ -113,8 +113,7 @@ def test_packed24_golden_bytes():
     assert stored["w.values"].numpy().tobytes() == bytes([
         0x00, 0x3C, 0x00, 0xC0, 0x00, 0x38, 0x00, 0x00,
         0x00, 0x00, 0x00, 0x00, 0x00, 0x3C, 0x00, 0x3C])
-    assert json.loads(meta[F.META_PREFIX + "w"]) == {"format": "packed24", "shape": [2, 8],
-                                                      "dtype": "float16", "version": "1"}
+    assert meta == {F.META_KEY: '{"w": {"dtype": "float16", "format": "packed24", "shape": [2, 8], "version": "1"}}'}
 
 
 def test_bitmask_golden_bytes():
@@ -174,8 +173,10 @@ def test_corrupt_parts_rejected():
     stored, meta = F.encode("w", w, "bitmask")
     with pytest.raises(UserError, match="disagree"):
         F.decode("w", dict(stored, **{"w.values": stored["w.values"][:-1]}), meta)
+    with pytest.raises(UserError, match="is not valid JSON"):
+        F.decode("w", stored, {F.META_KEY: "{not json"})
     with pytest.raises(UserError, match="not a valid llm-prune encoding"):
-        F.decode("w", stored, {F.META_PREFIX + "w": "{not json"})
+        F.decode("w", stored, {F.META_KEY: '{"w": {"format": "zip"}}'})
 
 
 # -- sizes ---------------------------------------------------------------------------------
