@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated: mmlu, ppl, arc_easy, piqa, hellaswag or lm-eval task names (default {DEFAULT_TASKS})")
     add_settings_arguments(p)
+    p.add_argument("--runtime", default="dense", choices=["dense", "semi-structured"],
+                   help="semi-structured: run eligible 2:4 Linear layers on sparse tensor cores (CUDA only)")
     p.add_argument("--dense", type=Path, help="dense checkpoint to compare with (baseline cached by checkpoint hash)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory when PATH has none")
     p.add_argument("--out", type=Path, help="where results.json and report.md go (default: PATH)")
@@ -69,8 +71,16 @@ def run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)
     out = args.out or args.path
     dense = args.dense or args.path
-    payload = evaluate_pruned(dense, args.path, tasks, settings, out, dense_baseline=args.dense is not None,
-                              tokenizer=args.tokenizer, echo=not args.json)
+    pruned, tokenizer = args.path, args.tokenizer
+    if args.runtime != "dense":
+        from ..kernels.semi_structured import apply_runtime, require_cuda
+        from .load import load_model
+
+        require_cuda()  # before minutes of loading
+        model, tokenizer = load_model(args.path, settings, args.tokenizer)
+        pruned = apply_runtime(model, args.runtime)
+    payload = evaluate_pruned(dense, pruned, tasks, settings, out, dense_baseline=args.dense is not None,
+                              tokenizer=tokenizer, echo=not args.json)
     if payload is None:
         return 0  # non-zero rank of a data-parallel launch: rank 0 reports
     if args.json:

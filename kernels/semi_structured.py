@@ -66,6 +66,21 @@ def cutlass_parts_from_packed24(values: torch.Tensor, meta: torch.Tensor) -> tup
     return values.contiguous(), reordered.view(rows, ncols)
 
 
+def require_cuda() -> None:
+    """The check ``--runtime semi-structured`` makes before anything is loaded."""
+    if not torch.cuda.is_available():
+        raise UserError("--runtime semi-structured needs a CUDA GPU (Ampere or newer) and a CUDA build of torch; "
+                        "on this machine use the default dense runtime, which decodes sparse checkpoints exactly")
+
+
+def apply_runtime(model: nn.Module, runtime: str) -> nn.Module:
+    """``dense``: the model as loaded; ``semi-structured``: eligible 2:4 Linears on sparse tensor cores."""
+    if runtime == "semi-structured":
+        report = to_semi_structured(model)
+        print(report.summary() + (f"; kept dense: {', '.join(sorted(report.skipped))}" if report.skipped else ""))
+    return model
+
+
 def to_semi_structured(model: nn.Module, *, packed24: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                        backend: str = "auto", only: set[str] | None = None) -> SemiStructuredReport:
     """Swap every eligible 2:4 ``nn.Linear`` weight for a semi-structured sparse one, in place.
@@ -77,9 +92,7 @@ def to_semi_structured(model: nn.Module, *, packed24: dict[str, tuple[torch.Tens
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown semi-structured backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if not torch.cuda.is_available():
-        raise UserError("--runtime semi-structured needs a CUDA GPU (Ampere or newer) and a CUDA build of torch; "
-                        "on this machine use the default dense runtime, which decodes sparse checkpoints exactly")
+    require_cuda()
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
     cusparselt_ok = torch.backends.cusparselt.is_available()

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", metavar="TASKS",
                    help="evaluate the pruned model beside the dense baseline: mmlu, ppl, arc_easy, piqa, hellaswag, ...")
     g.add_argument("--no-dense-baseline", action="store_true", help="with --eval: skip the dense model")
+    g.add_argument("--runtime", default="dense", choices=["dense", "semi-structured"],
+                   help="with --eval: run eligible 2:4 Linear layers on sparse tensor cores (CUDA only)")
     g.add_argument("--no-save", action="store_true",
                    help="with --eval: prune on the fly while loading and write no checkpoint (results go to --out)")
     eval_cli.add_settings_arguments(g, prefix="eval-")
@@ -94,6 +96,10 @@ def _prune(args: argparse.Namespace) -> int:
     if args.no_save and not args.eval:
         raise UserError("--no-save only makes sense with --eval (otherwise nothing would come out)")
     tasks = eval_cli.parse_tasks(args.eval) if args.eval else []
+    if args.runtime != "dense":
+        from .kernels.semi_structured import require_cuda
+
+        require_cuda()  # before any pruning work
     settings = eval_cli.settings_from_args(args, prefix="eval-", progress=not args.quiet) if tasks else None
     out = args.out or default_out(args.model, cfg)
     src = resolve_model(args.model)
@@ -106,7 +112,7 @@ def _prune(args: argparse.Namespace) -> int:
                                 pattern=f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
                                 scope=cfg.scope, targets=cfg.targets, exclude=cfg.exclude,
                                 allow_pickle=args.allow_pickle, progress=progress, **_placement(settings))
-        return _evaluate(src, model, tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
+        return _evaluate(src, _runtime(model, args), tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
 
     from .pipeline import prune_checkpoint  # heavy imports after argument checks
 
@@ -116,13 +122,19 @@ def _prune(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2) if args.json else format_summary(report, out))
     if not tasks:
         return 0
-    if args.format == "dense":
+    if args.format == "dense" and args.runtime == "dense":
         pruned = out  # transformers loads it directly
     else:
         from .load import load
 
-        pruned = load(out, progress=progress, **_placement(settings))
+        pruned = _runtime(load(out, progress=progress, **_placement(settings)), args)
     return _evaluate(src, pruned, tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
+
+
+def _runtime(model, args):
+    from .kernels.semi_structured import apply_runtime
+
+    return apply_runtime(model, args.runtime)
 
 
 def _placement(settings) -> dict:

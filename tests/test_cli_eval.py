@@ -53,3 +53,16 @@ def test_eval_subcommand_reads_compressed_export(smollm2_dir, tmp_path):
         assert main(["eval", str(out), "--tasks", "ppl", "--seqlen", "128", "--ppl-windows", "2",
                      "--data", "local", "--quiet"]) == 0
     assert ppl_of(dense_out)["pruned"] == ppl_of(packed_out)["pruned"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("argv", [["smollm2-135m", "--pattern", "2:4", "--eval", "ppl", "--runtime", "semi-structured"],
+                                  ["eval", "DIR", "--tasks", "ppl", "--runtime", "semi-structured"]])
+def test_semi_structured_runtime_needs_cuda(capsys, smollm2_dir, tmp_path, argv):
+    argv = [str(smollm2_dir) if a == "DIR" else a for a in argv] + ["--quiet"]
+    if argv[0] != "eval":
+        argv += ["--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--runtime semi-structured needs a CUDA GPU" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
