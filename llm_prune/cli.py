@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 from pathlib import Path
@@ -68,8 +69,23 @@ def default_out(model: str, cfg: PruneConfig) -> Path:
     return Path(f"{name}-{cfg.method}-{cfg.sparsity.label}{suffix}")
 
 
+def _fixed_mmap_threshold(nbytes: int = 4 << 20) -> None:
+    """Make glibc return every freed block above ``nbytes`` to the OS.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) after large frees, so per-tensor
+    temporaries of a few MiB then stay in its heaps between blocks. Measured on the 8-block
+    7B-shaped benchmark: peak RSS 1.18-1.26 GiB without, a steady 1.16 GiB with, same speed.
+    Process-wide, so only the CLI (which owns the process) sets it.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _fixed_mmap_threshold()
     try:
         if argv[:1] == ["eval"]:
             return _eval(argv[1:])

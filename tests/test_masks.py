@@ -90,7 +90,7 @@ def test_masks_are_nested():
         previous = keep
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8), (1, 2)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8), (1, 2), (4, 16), (7, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nm_validity_and_reference(n, m, dtype):
     torch.manual_seed(3)
