@@ -87,7 +87,7 @@ def load_model(path: Path, settings: EvalSettings, tokenizer: str | Path | None 
         if (path / SPARSE_INDEX).is_file():  # bitmask / packed24 export: decode while loading
             if settings.load_in is not None:
                 raise UserError(f"--load-in does not apply to {path}, a compressed export (load it dense)")
-            from ..load import load
+            from ..loading import load
 
             model = load(path, dtype=kw["dtype"], progress=settings.progress)
         else:

@@ -76,9 +76,15 @@ def checkpoint_id(path: Path) -> str:
     return checkpoint_fingerprint({f.name: file_sha256(f) for f in files})
 
 
+# Bump when our own task definitions change what they measure (local task configs, the offline
+# perplexity text), so cached dense baselines from the old definition are not reused.
+# 2: offline perplexity uses only the passages held out from calibration.
+LOCAL_PROTOCOL = 2
+
+
 def baseline_key(fingerprint: str, task: str, settings_json: dict, data: str, lm_eval_version: str) -> str:
     key = {"fingerprint": fingerprint, "task": task, "data": data, "lm_eval": lm_eval_version,
-           **{k: settings_json.get(k) for k in KEY_SETTINGS}}
+           "protocol": LOCAL_PROTOCOL, **{k: settings_json.get(k) for k in KEY_SETTINGS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -6,7 +6,7 @@ from .config import PruneConfig, Sparsity  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .pipeline import prune_checkpoint  # noqa: E402
 from .models import resolve_model  # noqa: E402
-from .load import from_pretrained, load, set_sparsity  # noqa: E402  (the module stays importable as llm_prune.load)
+from .loading import from_pretrained, load, set_sparsity  # noqa: E402  (module named loading: llm_prune.load is the function)
 
 __all__ = ["PruneConfig", "Sparsity", "UserError", "prune_checkpoint", "resolve_model", "from_pretrained", "load",
            "set_sparsity", "__version__"]

@@ -122,7 +122,7 @@ def _prune(args: argparse.Namespace) -> int:
     progress = not args.quiet
 
     if args.no_save:  # prune while loading: nothing written but the evaluation results
-        from .load import from_pretrained
+        from .loading import from_pretrained
 
         model = from_pretrained(src, method=cfg.method, sparsity=None if cfg.sparsity.is_nm else cfg.sparsity.ratio,
                                 pattern=f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
@@ -141,7 +141,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.format == "dense" and args.runtime == "dense":
         pruned = out  # transformers loads it directly
     else:
-        from .load import load
+        from .loading import load
 
         pruned = _runtime(load(out, progress=progress, **_placement(settings)), args)
     return _evaluate(src, pruned, tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")

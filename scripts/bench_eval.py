@@ -1,6 +1,7 @@
 """SmolLM2-135M dense vs OMP variants on MMLU categories, ARC-Easy, PIQA and token perplexity.
 
     python scripts/bench_eval.py --limit 20 --mmlu-limit 1 --fewshot 0 --seqlen 512 --ppl-windows 4 --out /tmp/bench_eval
+    (calibrated variants: wanda-0.5, sparsegpt-0.5, wanda-2:4, sparsegpt-2:4 with 8 x 512 embedded tokens)
 
 Prunes each variant once into --out, evaluates it beside the (cached) dense baseline, and writes
 bench.json plus a markdown table. Small limits on purpose: the CPU is shared and slow.
@@ -17,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from llm_prune import PruneConfig, Sparsity, prune_checkpoint  # noqa: E402
+from llm_prune.calibration import CalibConfig  # noqa: E402
 from llm_prune.eval import EvalSettings, evaluate_pruned  # noqa: E402
 from llm_prune.models import resolve_model  # noqa: E402
 
@@ -26,7 +28,13 @@ VARIANTS = {
     "omp-0.4-global": PruneConfig(sparsity=Sparsity(0.4), scope="global"),
     "omp-0.5-global": PruneConfig(sparsity=Sparsity(0.5), scope="global"),
     "omp-2:4": PruneConfig(sparsity=Sparsity.parse(None, "2:4")),
+    "wanda-0.5": PruneConfig(method="wanda", sparsity=Sparsity(0.5)),
+    "sparsegpt-0.5": PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)),
+    "wanda-2:4": PruneConfig(method="wanda", sparsity=Sparsity.parse(None, "2:4")),
+    "sparsegpt-2:4": PruneConfig(method="sparsegpt", sparsity=Sparsity.parse(None, "2:4")),
 }
+# Calibration for the calibrated variants: the embedded text, small because this CPU is slow.
+CALIB = CalibConfig(nsamples=8, seqlen=512, seed=0)
 
 
 def main() -> None:
@@ -57,7 +65,9 @@ def main() -> None:
     for name, (tasks, settings) in runs:
         out = args.out / name
         if not (out / "sparsity.json").is_file():
-            prune_checkpoint(src, VARIANTS[name], out, overwrite=True, progress=False)
+            cfg = VARIANTS[name]
+            prune_checkpoint(src, cfg, out, overwrite=True, progress=False,
+                             calib=CALIB if cfg.method != "omp" else None)
         t0 = time.perf_counter()
         payload = evaluate_pruned(src, out, tasks, settings, out / f"eval-{tasks[0]}", label=name)
         rows.setdefault(name, []).extend(payload["rows"])

@@ -30,7 +30,7 @@ CHILD = r"""
 import json, os, resource, sys, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch, transformers, llm_prune
-from llm_prune.load import from_pretrained, load, set_sparsity
+from llm_prune.loading import from_pretrained, load, set_sparsity
 kind, path = sys.argv[1], sys.argv[2]
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 base = rss()

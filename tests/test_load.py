@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_prune import PruneConfig, Sparsity, UserError, prune_checkpoint
-from llm_prune import load as load_mod
-from llm_prune.load import Decoder, DECODERS, from_pretrained, load, register_decoder, set_sparsity
+from llm_prune import loading as load_mod
+from llm_prune.loading import Decoder, DECODERS, from_pretrained, load, register_decoder, set_sparsity
 from llm_prune.stream import TensorInfo
 
 from .conftest import save_tiny, tiny_llama_config, tiny_opt_config

@@ -10,7 +10,7 @@ import sys
 
 CHILD = r"""
 import json, resource, sys
-import torch, transformers, llm_prune.load as L
+import torch, transformers, llm_prune.loading as L
 from safetensors import safe_open
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 # Baseline: what the process holds now (not its peak so far, which import-time garbage inflates).
