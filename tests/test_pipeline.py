@@ -170,3 +170,21 @@ def test_families_equal_inmemory(tmp_path, family, cfg):
         assert torch.equal(exported(ids).logits, reference(ids).logits)
     ref_state = reference.state_dict()
     assert all(torch.equal(t, ref_state[n]) for n, t in exported.state_dict().items())
+
+
+def test_gpt2_conv1d_nm_along_input_dim(tmp_path):
+    from transformers import GPT2Config
+    from transformers.pytorch_utils import Conv1D
+
+    from llm_prune.masks import is_nm
+    from tests.conftest import save_tiny
+
+    src = save_tiny(tmp_path / "gpt2", GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    report = prune_checkpoint(src, PruneConfig(sparsity=Sparsity.parse(None, "2:4")), tmp_path / "o", progress=False)
+    assert set(report["achieved"]["by_type"]) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    convs = [m for m in model.transformer.h.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 8
+    # Conv1D stores [in, out]: every output's inputs form groups of 4 with at most 2 kept.
+    assert all(is_nm(m.weight.t() != 0, 2, 4) for m in convs)
+    assert not all(is_nm(m.weight != 0, 2, 4) for m in convs)
