@@ -59,9 +59,10 @@ def main() -> None:
     zero_shot = (["arc_easy", "piqa", "ppl"], EvalSettings(limit=args.limit, **base))
     mmlu = (["mmlu"], EvalSettings(fewshot=args.fewshot, limit=args.mmlu_limit, **base))
     # Zero-shot tasks for every variant first, then MMLU for the chosen ones (the expensive part).
-    runs = [(n, zero_shot) for n in args.variants.split(",")] + \
+    runs = [(n, zero_shot) for n in args.variants.split(",") if n] + \
         [(n, mmlu) for n in args.mmlu_variants.split(",") if n]
-    rows = {}
+    bench = args.out / "bench.json"  # resume: keep the rows of an earlier run into the same --out
+    rows = json.loads(bench.read_text())["rows"] if bench.is_file() else {}
     for name, (tasks, settings) in runs:
         out = args.out / name
         if not (out / "sparsity.json").is_file():
