@@ -51,7 +51,7 @@ from .paths import cache_dir
 from .pipeline import select_targets
 from .quantiles import (LOW_BITS, KeyTable, from_tensors, key_table, merge, quantile_keys, table_of_keys,
                         to_tensors)
-from .stream import _DTYPES as _ST_DTYPES, CheckpointReader, TensorInfo, Unit
+from .stream import CheckpointReader, TensorInfo, Unit
 
 log = logging.getLogger(__name__)
 TABLES_VERSION = "1"
@@ -130,7 +130,7 @@ class DenseSource:
         for file, dense_names in by_file.items():
             plain = [n for n in dense_names if self.recipe[n][0] is None]
             if not self.reader.pickle:
-                yield from _read_plain(self.reader.path / file, plain)
+                yield from self.reader.read_fresh(plain)
             else:
                 for n in plain:
                     yield n, self.reader.read([n])[n]
@@ -139,33 +139,6 @@ class DenseSource:
                 if decoder is not None:
                     meta = self.reader.metadata.get(self.reader.infos[stored[0]].file, {})
                     yield n, decoder.decode(n, self.reader.read(stored), meta)
-
-
-def _read_plain(fpath: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one safetensors file read into fresh memory, in file order.
-
-    ``safe_open`` would hand out views of one private mapping of the whole file: every page a
-    pruned tensor was read from would stay resident as long as any small unpruned tensor of the
-    same shard lives, so the peak would be the model plus every shard read. Positional reads keep
-    it to the model plus the tensor in flight; the headers were validated by the reader.
-    """
-    with open(fpath, "rb", buffering=0) as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        for name in sorted(names, key=lambda k: header[k]["data_offsets"][0]):
-            entry = header[name]
-            start, end = entry["data_offsets"]
-            t = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-            f.seek(8 + n + start)
-            got = 0
-            while got < end - start:
-                k = f.readinto(view[got:])
-                if not k:
-                    raise UserError(f"{fpath} ended early while reading {name}; the file is truncated")
-                got += k
-            yield name, t
 
 
 @dataclass
@@ -217,7 +190,7 @@ def from_pretrained(name_or_path: str | os.PathLike, method: str = "omp", sparsi
     if plan is not None:
         state.applied, state.tables = dict(plan[0]), plan[1]
 
-    # Tensors read from safetensors are the loader's own fresh memory (see _read_plain); pickled
+    # Tensors read from safetensors are the loader's own fresh memory (see CheckpointReader.read_fresh); pickled
     # ones may be mappings of the file, and are never written to.
     inplace = not source.reader.pickle
 

@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open, SafetensorError
@@ -201,19 +202,39 @@ class CheckpointReader:
     def _read_into(self, names: list[str], arena: "Arena") -> dict[str, torch.Tensor]:
         infos = [self.infos[n] for n in names]
         views = arena.carve([i.nbytes for i in infos])
-        order = sorted(range(len(infos)), key=lambda j: (infos[j].file, infos[j].offset))  # sequential reads
+        self._positional_reads(list(zip(infos, views)))
+        return {i.name: v.view(i.dtype).view(i.shape) for i, v in zip(infos, views)}
+
+    def read_fresh(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The named tensors one at a time, each in fresh memory the caller keeps (a loaded model).
+
+        ``safe_open`` would hand out views of one private mapping of the whole file: every page a
+        pruned tensor was read from would stay resident as long as any small unpruned tensor of
+        the same shard lives. Positional reads keep the peak to what the caller holds plus one tensor.
+        """
+        for info in sorted((self.infos[n] for n in names), key=lambda i: (i.file, i.offset)):
+            t = torch.empty(info.shape, dtype=info.dtype)
+            self._positional_reads([(info, t.reshape(-1).view(torch.uint8))])
+            yield info.name, t
+
+    def _positional_reads(self, jobs: list[tuple[TensorInfo, torch.Tensor]]) -> None:
+        """Fill each uint8 destination with its tensor's bytes, in file order, each file opened once."""
         handles: dict[str, object] = {}
         try:
-            for j in order:
-                info = infos[j]
-                f = handles.get(info.file) or handles.setdefault(info.file, open(self.path / info.file, "rb", buffering=0))
+            for info, dest in sorted(jobs, key=lambda j: (j[0].file, j[0].offset)):
+                if info.file not in handles:
+                    handles[info.file] = open(self.path / info.file, "rb", buffering=0)
+                f = handles[info.file]
                 f.seek(info.offset)
-                if f.readinto(memoryview(views[j].numpy())) != info.nbytes:
-                    raise UserError(f"{self.path / info.file} ended before {info.name}: the file is truncated")
+                view, got = memoryview(dest.numpy()) if info.nbytes else memoryview(b""), 0
+                while got < info.nbytes:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise UserError(f"{self.path / info.file} ended before {info.name}: the file is truncated")
+                    got += k
         finally:
             for f in handles.values():
                 f.close()
-        return {i.name: v.view(i.dtype).view(i.shape) for i, v in zip(infos, views)}
 
     def units(self, arch: Arch, max_rest_bytes: int | None = None) -> list[Unit]:
         """Blocks in index order (tensor names sorted within each), then the non-block tensors

@@ -19,7 +19,6 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as Fn
 from torch import nn
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]

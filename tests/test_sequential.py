@@ -4,7 +4,6 @@ transformers model, same seed -> same bytes, resume, N:M validity, report fields
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import pytest
