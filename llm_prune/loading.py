@@ -44,12 +44,14 @@ from .config import DEFAULT_TARGETS, PruneConfig, Sparsity
 from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
 from .kernels import formats
-from .masks import all_finite, find_threshold, magnitude_key, prune_count, threshold_keep
+from .kernels import magnitude as K
+from .masks import find_threshold, magnitude_key, prune_count, threshold_keep
 from .methods import get_method
+from .methods.magnitude import NonFinite, checked_histogram, magnitude_prune_, threshold_prune_
 from .models import resolve_model
 from .paths import cache_dir
 from .pipeline import select_targets
-from .quantiles import (LOW_BITS, KeyTable, from_tensors, key_table, merge, quantile_keys, table_of_keys,
+from .quantiles import (LOW_BITS, KeyTable, from_tensors, key_table, merge, quantile_keys, table_of_histogram,
                         to_tensors)
 from .stream import CheckpointReader, TensorInfo, Unit
 
@@ -195,24 +197,24 @@ def from_pretrained(name_or_path: str | os.PathLike, method: str = "omp", sparsi
     inplace = not source.reader.pickle
 
     def prune(name: str, w: torch.Tensor) -> torch.Tensor:
-        fast = w.dtype in _NP_KEYS and w.device.type == "cpu" and w.is_contiguous()
-        keys = _np_keys(w) if fast else None
-        if not (_np_finite(keys, w.dtype) if fast else all_finite(w)):
+        if not inplace:
+            w = w.clone()  # pickled tensors may map the file: never write through them
+        try:
+            if plan is not None:
+                threshold_prune_(w, *plan[0][name])
+            elif cfg.method == "omp" and not cfg.sparsity.is_nm and w.dtype != torch.float32 and K.supported(w):
+                # The layer-scope OMP threshold read off the tensor's key table: the same (key, ties)
+                # as masks.unstructured_keep, and the table lets set_sparsity raise it later.
+                table = table_of_histogram(checked_histogram(w), w.dtype, w.numel())
+                key, ties = _threshold(table, prune_count(w.numel(), cfg.sparsity.ratio))
+                state.tables[name], state.applied[name] = table, (key, ties)
+                K.prune_below_(w, key, ties)
+            else:
+                pruner.prune_(w, cfg.sparsity, arch.weight_in_first)
+        except NonFinite:
             raise UserError(f"{name} (in {source.reader.infos[source.recipe[name][1][0]].file}) has inf or nan "
-                            "values: the checkpoint is damaged")
-        if plan is not None:
-            key, ties = plan[0][name]
-        elif cfg.method == "omp" and not cfg.sparsity.is_nm and fast and w.dtype != torch.float32:
-            # The layer-scope OMP threshold read off the tensor's key table: the same (key, ties) as
-            # masks.unstructured_keep, and the table lets set_sparsity raise it later.
-            table = table_of_keys(keys, w.dtype)
-            key, ties = _threshold(table, prune_count(w.numel(), cfg.sparsity.ratio))
-            state.tables[name], state.applied[name] = table, (key, ties)
-        else:
-            return apply_keep(w, pruner.keep(w, cfg.sparsity, arch.weight_in_first), inplace)
-        if not fast:
-            return apply_keep(w, threshold_keep(w, key, ties)[0], inplace)
-        return _np_threshold_apply(w, keys, key, ties, inplace)
+                            "values: the checkpoint is damaged") from None
+        return w
 
     model, names = _materialize(source, dtype, device_map, max_memory, offload_folder,
                                 {n: prune for n in order}, progress)
@@ -228,46 +230,6 @@ def load(path: str | os.PathLike, dtype=None, device_map=None, *, max_memory: di
     """Any checkpoint directory (or known model name) as a transformers model, read tensor by tensor."""
     source = DenseSource(CheckpointReader(resolve_model(str(path)), allow_pickle=allow_pickle))
     return _materialize(source, dtype, device_map, max_memory, offload_folder, {}, progress)[0]
-
-
-def apply_keep(w: torch.Tensor, keep: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """``torch.where(keep, w, +0)`` bit for bit; in place only when ``w`` is the loader's own memory.
-
-    Multiplying the integer view by the mask is the same bits (pruned weights become +0.0) and
-    several times faster than ``torch.where`` on CPU."""
-    if w.device.type != "cpu" or not w.is_contiguous():
-        return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
-    bits, mask = w.view(int_dtype).numpy(), keep.contiguous().numpy()
-    if inplace:
-        np.multiply(bits, mask, out=bits)
-        return w
-    return torch.from_numpy(bits * mask).view(w.dtype)
-
-
-# numpy does the per-weight passes: 3-5x torch's speed for these int16 ops on CPU.
-_NP_KEYS = {torch.float16: (np.int16, 0x7FFF, 0x7C00), torch.bfloat16: (np.int16, 0x7FFF, 0x7F80),
-            torch.float32: (np.int32, 0x7FFFFFFF, 0x7F800000)}  # as masks._KEY_LAYOUT
-
-
-def _np_keys(w: torch.Tensor) -> np.ndarray:
-    int_dtype, clear, _ = _NP_KEYS[w.dtype]
-    return w.view(getattr(torch, np.dtype(int_dtype).name)).numpy() & int_dtype(clear)
-
-
-def _np_finite(keys: np.ndarray, dtype: torch.dtype) -> bool:
-    return keys.size == 0 or int(keys.max()) < _NP_KEYS[dtype][2]
-
-
-def _np_threshold_apply(w: torch.Tensor, keys: np.ndarray, key: int, ties: int, inplace: bool) -> torch.Tensor:
-    """``masks.threshold_keep`` then ``apply_keep``, on keys computed once: prune keys below ``key``
-    and the first ``ties`` weights (flat order) whose key equals it."""
-    keep = keys > key
-    if ties > 0:
-        keep.reshape(-1)[np.flatnonzero(keys.reshape(-1) == key)[ties:]] = True
-    else:
-        keep |= keys == key
-    return apply_keep(w, torch.from_numpy(keep), inplace)
 
 
 def _threshold(table: KeyTable, k: int) -> tuple[int, int]:
@@ -570,15 +532,13 @@ def set_sparsity(model, sparsity: float) -> None:
         else:
             plan = None
         for n, p in zip(state.order, weights):
-            w = current(p)
-            if plan is not None and w.is_contiguous():
-                w = w.clone() if w.data_ptr() == p.data_ptr() else w  # never write through a live view
-                pruned = _np_threshold_apply(w, _np_keys(w), *plan[n], inplace=True)
+            w = current(p)  # p itself when it is on the CPU in the pruning dtype: pruned in place
+            if plan is not None:
+                threshold_prune_(w, *plan[n])
             else:
-                keep = threshold_keep(w, *plan[n])[0] if plan is not None else get_method("omp").keep(
-                    w, new, state.weight_in_first)
-                pruned = apply_keep(w, keep)
-            p.data.copy_(pruned.to(p.device, p.dtype))
+                magnitude_prune_(w, new, state.weight_in_first)
+            if w.data_ptr() != p.data_ptr():
+                p.data.copy_(w.to(p.device, p.dtype))
     state.config = PruneConfig(cfg.method, new, cfg.scope, cfg.targets, cfg.exclude)
     if have_tables:
         state.applied = target  # thresholds are recorded against the original weights

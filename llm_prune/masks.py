@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import UserError
+from .kernels import magnitude as K
 
 # dtype -> (integer view dtype, mask clearing the sign bit, key of +inf)
 _KEY_LAYOUT = {
@@ -40,7 +41,7 @@ def magnitude_key(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     return torch.bitwise_and(x.view(int_dtype), clear_sign, out=out)
 
 
-def key_dtype(dtype: torch.dtype) -> torch.dtype:
+def key_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """The integer dtype of ``magnitude_key`` for weights of ``dtype``."""
     return _KEY_LAYOUT[dtype][0]
 
@@ -90,13 +91,17 @@ def find_threshold(visit: Callable[[], Iterable[torch.Tensor]], k: int) -> Thres
     """
     total, key_dtype, counts = 0, None, None
     for x in visit():
-        key = as_key(x).reshape(-1)
-        key_dtype = _check_same_dtype(key_dtype, key.dtype)
-        # bincount is fastest on int16; fp32 keys histogram their high 15 bits first.
-        high = (key >> _LOW_BITS).to(torch.int16) if key.dtype == torch.int32 else key
-        c = torch.bincount(high, minlength=1 << 15)
+        if x.is_floating_point() and K.supported(x):  # the fused kernel: no key tensor, all cores
+            key_dtype = _check_same_dtype(key_dtype, key_dtype_of(x.dtype))
+            c = torch.from_numpy(K.key_histogram(x))
+        else:
+            key = as_key(x).reshape(-1)
+            key_dtype = _check_same_dtype(key_dtype, key.dtype)
+            # fp32 keys histogram their high 15 bits first.
+            high = (key >> _LOW_BITS).to(torch.int16) if key.dtype == torch.int32 else key
+            c = torch.bincount(high, minlength=1 << 15)
         counts = c if counts is None else counts + c
-        total += key.numel()
+        total += x.numel()
     if not 0 <= k <= total:
         raise ValueError(f"k={k} outside [0, {total}]")
     if k == 0:
@@ -139,7 +144,7 @@ def threshold_keep(x: torch.Tensor, key: int, ties: int) -> tuple[torch.Tensor, 
     Returns the mask and how many ties this tensor used (the caller carries the rest to the
     next tensor, which is how a global threshold breaks ties across tensors).
     """
-    k = as_key(x)
+    k = as_key(x).contiguous()  # ties go in the tensor's logical (row-major) order
     keep = k > key
     if ties > 0:
         tie_idx = (k.reshape(-1) == key).nonzero().squeeze(1)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .kernels import magnitude as K
 from .masks import magnitude_key
 
 LOW_BITS = 16  # fp32 tables bucket keys by their high 16 bits, as masks.find_threshold does
@@ -53,23 +54,18 @@ class KeyTable:
 
 def key_table(x: torch.Tensor) -> KeyTable:
     """The table of one tensor: one histogram pass over its magnitude keys."""
-    return table_of_keys(magnitude_key(x.detach().cpu()).numpy(), x.dtype)
+    x = x.detach().cpu()
+    if K.supported(x):
+        return table_of_histogram(K.key_histogram(x), x.dtype, x.numel())
+    keys = magnitude_key(x).reshape(-1).long()
+    hist = torch.bincount(keys >> LOW_BITS if x.dtype == torch.float32 else keys, minlength=1 << 15)
+    return table_of_histogram(hist.numpy(), x.dtype, x.numel())
 
 
-def table_of_keys(keys: np.ndarray, dtype: torch.dtype, chunk: int = 1 << 22) -> KeyTable:
-    """The table from magnitude keys already computed (``masks.magnitude_key``, as numpy).
-
-    numpy's bincount is ~2x torch's on CPU, but casts its input to int64: chunks keep that
-    transient at 32 MiB whatever the tensor's size."""
-    flat = keys.reshape(-1)
-    counts = np.zeros(1 << 15, dtype=np.int64)
-    for i in range(0, flat.size, chunk):
-        part = flat[i:i + chunk]
-        if part.dtype == np.int32:
-            part = part >> LOW_BITS  # sign cleared: the high half fits in 15 bits
-        counts += np.bincount(part, minlength=1 << 15)
+def table_of_histogram(counts: np.ndarray, dtype: torch.dtype, numel: int) -> KeyTable:
+    """The table from a dense key histogram (``kernels.magnitude.key_histogram``'s bins)."""
     occupied = np.flatnonzero(counts)
-    return KeyTable(dtype, flat.size, torch.from_numpy(occupied.astype(np.int64)),
+    return KeyTable(dtype, numel, torch.from_numpy(occupied.astype(np.int64)),
                     torch.from_numpy(counts[occupied].astype(np.int64)))
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_calibrated.py quality --nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-windows 24
     python scripts/bench_calibrated.py speed7b --nsamples 4 --seqlen 512
+    python scripts/bench_calibrated.py compare --nsamples 8 --seqlen 512 --json benchmarks/calibrated-vs-llmc.json
 
 ``quality`` prunes SmolLM2-135M (the embedded model) with omp, wanda and sparsegpt at 50%, 4:8
 and 2:4, calibrating on the embedded Wikipedia passages (calib split), each run in its own
@@ -188,9 +189,10 @@ def cmd_llmc(args) -> None:
     data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     structure = "0:0" if args.pattern == "0.5" else args.pattern
     modifier = (SparseGPTModifier(sparsity=0.5, mask_structure=structure, block_size=128, dampening_frac=0.01,
-                                  targets=["Linear"], ignore=["lm_head"])
+                                  targets=["Linear"], ignore=["re:.*lm_head"])
                 if args.method == "sparsegpt" else
-                WandaPruningModifier(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["lm_head"]))
+                WandaPruningModifier(sparsity=0.5, mask_structure=structure, targets=["Linear"],
+                                     ignore=["re:.*lm_head"]))
     model = AutoModelForCausalLM.from_pretrained(saved["src"], dtype=torch.float32)
     t0 = time.perf_counter()
     oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=windows.shape[0],
@@ -199,6 +201,69 @@ def cmd_llmc(args) -> None:
     model.to(torch.bfloat16).save_pretrained(args.out)
     print(json.dumps({"method": args.method, "pattern": args.pattern, "oneshot_s": round(seconds, 2),
                       "peak_rss_mib": vm_hwm() / 2**20}))
+
+
+def _timed(cmd: list[str]) -> tuple[dict, float]:
+    """Run one pruning process; its last stdout line is JSON. Returns (that JSON, wall seconds)."""
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1]), wall
+
+
+def cmd_compare(args) -> None:
+    """llm-prune vs llm-compressor, side by side in one run: same model, same calibration windows
+    (ours, written to a file and fed to llm-compressor as input_ids), same sparsity settings,
+    each pruning in its own process (wall time includes imports, load and save for both), then
+    the same perplexity protocol on both outputs."""
+    from transformers import AutoTokenizer
+
+    from llm_prune.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    src = resolve_model("smollm2-135m")
+    windows = work / "windows.pt"
+    common = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+              "--threads", str(args.threads)]
+    subprocess.run([sys.executable, __file__, "llmc_windows", *common, "--out", str(windows)], check=True)
+    ids = heldout_ids(AutoTokenizer.from_pretrained(src))
+    rows = [{"tool": "-", "method": "dense", "pattern": "-",
+             "ppl": perplexity(src, ids, args.ppl_seqlen, args.ppl_windows)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for pattern in args.patterns:
+        for method in args.methods:
+            for tool in args.tools:
+                out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
+                if tool == "llm-prune":
+                    res, wall = _timed([sys.executable, __file__, "prune", "--src", str(src), "--method", method,
+                                        "--pattern", pattern, "--out", str(out), *common])
+                    core = res["time_s"]
+                else:
+                    res, wall = _timed([args.llmc_python, __file__, "llmc", "--windows", str(windows),
+                                        "--method", method, "--pattern", pattern, "--out", str(out), *common])
+                    core = res["oneshot_s"]
+                rows.append({"tool": tool, "method": method, "pattern": pattern,
+                             "ppl": perplexity(out, ids, args.ppl_seqlen, args.ppl_windows),
+                             "process_wall_s": round(wall, 2), "prune_s": round(core, 2),
+                             "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20 if "peak_rss_bytes" in res
+                                                   else res["peak_rss_mib"], 1)})
+                print(json.dumps(rows[-1]), flush=True)
+                shutil.rmtree(out)
+    protocol = {"model": "SmolLM2-135M-Instruct (embedded, bf16 checkpoint)",
+                "calibration": f"embedded BoolQ Wikipedia passages, calib split, {args.nsamples} x {args.seqlen} "
+                               f"tokens, seed {args.seed}; the same token windows for both tools",
+                "perplexity": f"held-out split, {int(ids.numel())} tokens, non-overlapping windows of "
+                              f"{args.ppl_seqlen}, first {args.ppl_windows} windows, fp32",
+                "settings": "layer scope, every Linear in the blocks (lm_head and embeddings kept), damp 0.01, "
+                            "blocksize 128", "threads": args.threads}
+    result = {"protocol": protocol, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
 
 
 def cmd_ppl(args) -> None:
@@ -212,7 +277,7 @@ def cmd_ppl(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("quality", "prune", "speed7b", "llmc_windows", "llmc", "ppl"):
+    for name in ("quality", "prune", "speed7b", "llmc_windows", "llmc", "ppl", "compare"):
         s = sub.add_parser(name)
         s.add_argument("--nsamples", type=int, default=16)
         s.add_argument("--seqlen", type=int, default=512)
@@ -236,13 +301,22 @@ def main() -> None:
     lc.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
     lc.add_argument("--pattern", required=True, choices=["0.5", "2:4", "4:8"])
     lc.add_argument("--out", required=True)
+    cp = sub.choices["compare"]
+    cp.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
+    cp.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"])
+    cp.add_argument("--tools", nargs="+", default=["llm-prune", "llm-compressor"])
+    cp.add_argument("--llmc-python", default="/tmp/llmc/bin/python",
+                    help="python of a separate venv with llmcompressor installed")
+    cp.add_argument("--ppl-seqlen", type=int, default=512)
+    cp.add_argument("--ppl-windows", type=int, default=6)
+    cp.add_argument("--json", help="also write the result here")
     pp = sub.choices["ppl"]
     pp.add_argument("--dir", required=True)
     pp.add_argument("--ppl-seqlen", type=int, default=512)
     pp.add_argument("--ppl-windows", type=int, default=6)
     args = p.parse_args()
     {"quality": cmd_quality, "prune": cmd_prune, "speed7b": cmd_speed7b, "llmc_windows": cmd_llmc_windows,
-     "llmc": cmd_llmc, "ppl": cmd_ppl}[args.cmd](args)
+     "llmc": cmd_llmc, "ppl": cmd_ppl, "compare": cmd_compare}[args.cmd](args)
 
 
 if __name__ == "__main__":

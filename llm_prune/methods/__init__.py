@@ -27,6 +27,9 @@ class Method:
     # -> (new weight in the weight's dtype, keep-mask). ``calib`` is a CalibConfig.
     observer: Callable | None = None
     solve: Callable | None = None
+    # Methods without calibration may prune in place, faster than applying ``keep``:
+    # prune_(weight, sparsity, weight_in_first) -> number of zeros the weight ends with.
+    prune_: Callable[[torch.Tensor, Sparsity, bool], int] | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -1,0 +1,184 @@
+"""Fused CPU kernels for magnitude pruning, in place, over the integer view of the weights.
+
+Magnitude pruning a 7B checkpoint is a memory-bound job: per weight, one look to histogram its
+magnitude and one to keep or zero it. Torch composes that from 6-7 full passes (key, max,
+bincount, compare, tie positions, multiply, count), each writing a temporary as large as the
+tensor. These kernels do it in two passes that write nothing but the pruned weights, in place,
+on all cores (numba, parallel over chunks of ``CHUNK`` weights):
+
+* ``key_histogram(w)``: counts of magnitude keys (``llm_prune.masks.magnitude_key``: |w|'s bit
+  pattern, sign cleared) in 2^15 bins: the whole key for fp16/bf16, its high half for fp32
+  (``bucket_histogram`` resolves the low half of one bucket). Everything a threshold, a
+  finiteness check and the pruning statistics need.
+* ``prune_below_(w, key, ties)``: zero every weight whose key is below ``key`` and the first
+  ``ties`` (in flat order) whose key equals it: ``masks.threshold_keep`` exactly, including its
+  tie order. Parallel chunks learn how many ties they own from a count per chunk.
+* ``prune_nm_(w, n, m)``: keep the ``n`` largest magnitudes of every ``m`` consecutive weights,
+  earlier weight first on ties: ``masks.nm_keep`` exactly.
+
+Pruned weights become +0 (all bits clear), as everywhere in llm-prune. Compiled on first use and
+cached on disk by numba (``cache=True``), so only the first run after installing pays ~seconds.
+Tests check every kernel bit for bit against the torch reference in ``llm_prune.masks``.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+
+CHUNK = 1 << 18  # weights per parallel work item: small enough to balance 2-64 cores
+BINS = 1 << 15
+_VIEW = {torch.float16: (torch.int16, 0), torch.bfloat16: (torch.int16, 0), torch.float32: (torch.int32, 16)}
+
+
+def supported(w: torch.Tensor) -> bool:
+    """True when the kernels can take ``w`` (CPU, contiguous, fp16/bf16/fp32)."""
+    return w.dtype in _VIEW and w.device.type == "cpu" and w.is_contiguous()
+
+
+def bits(w: torch.Tensor) -> np.ndarray:
+    """The flat integer view of ``w``'s memory (shared, writes go to ``w``)."""
+    return w.view(_VIEW[w.dtype][0]).reshape(-1).numpy()
+
+
+def key_histogram(w: torch.Tensor) -> np.ndarray:
+    """int64 counts of magnitude keys in 2^15 bins (fp32: bins are the keys' high 16 bits)."""
+    x = bits(w)
+    if x.size == 0:
+        return np.zeros(BINS, dtype=np.int64)
+    return _histogram(x, _VIEW[w.dtype][1])
+
+
+def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
+    """fp32 only: counts of the low 16 key bits of the weights whose high half is ``high``."""
+    return _bucket_histogram(bits(w), high)
+
+
+def prune_below_(w: torch.Tensor, key: int, ties: int) -> int:
+    """Prune in place (see module doc); returns how many ties it pruned (<= ``ties``)."""
+    x = bits(w)
+    if x.size == 0 or key < 0:
+        return 0
+    return int(_prune_below(x, key, ties))
+
+
+def prune_nm_(w: torch.Tensor, n: int, m: int) -> None:
+    """Keep the n largest of every m consecutive weights along the last dim, in place."""
+    x = bits(w)
+    if x.size:
+        (_prune_24 if (n, m) == (2, 4) else _prune_nm)(x, n, m)
+
+
+# -- the kernels ------------------------------------------------------------------------------------------
+# Chunk c covers [c * CHUNK, min((c + 1) * CHUNK, size)). Keys: x & 0x7FFF... (sign bit cleared);
+# the mask literal below is sized by the view's width.
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _histogram(x, shift):
+    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
+    nchunks = (x.size + CHUNK - 1) // CHUNK
+    per = np.zeros((nchunks, BINS), dtype=np.int32)  # one row per chunk: no sharing between threads
+    for c in nb.prange(nchunks):
+        row = per[c]
+        for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
+            row[(np.int64(x[i]) & clear) >> shift] += 1
+    out = np.zeros(BINS, dtype=np.int64)
+    for c in range(nchunks):
+        out += per[c]
+    return out
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _bucket_histogram(x, high):
+    nchunks = (x.size + CHUNK - 1) // CHUNK
+    per = np.zeros((nchunks, 1 << 16), dtype=np.int32)
+    for c in nb.prange(nchunks):
+        row = per[c]
+        for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
+            k = np.int64(x[i]) & 0x7FFFFFFF
+            if (k >> 16) == high:
+                row[k & 0xFFFF] += 1
+    out = np.zeros(1 << 16, dtype=np.int64)
+    for c in range(nchunks):
+        out += per[c]
+    return out
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _prune_below(x, key, ties):
+    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
+    nchunks = (x.size + CHUNK - 1) // CHUNK
+    quota = np.zeros(nchunks, dtype=np.int64)  # ties each chunk prunes: the earliest ones overall
+    if ties > 0:
+        equal = np.zeros(nchunks, dtype=np.int64)
+        for c in nb.prange(nchunks):
+            e = 0
+            for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
+                e += (np.int64(x[i]) & clear) == key
+            equal[c] = e
+        left = ties
+        for c in range(nchunks):
+            quota[c] = min(left, equal[c])
+            left -= quota[c]
+    zero = x.dtype.type(0)
+    for c in nb.prange(nchunks):
+        start, end = c * CHUNK, min((c + 1) * CHUNK, x.size)
+        i, q = start, quota[c]
+        while q > 0:  # up to this chunk's last pruned tie, ties go too
+            k = np.int64(x[i]) & clear
+            if k <= key:
+                if k == key:
+                    q -= 1
+                x[i] = zero
+            i += 1
+        for j in range(i, end):  # the rest: a branch-free select the compiler vectorises
+            x[j] = x[j] if (np.int64(x[j]) & clear) >= key else zero
+    return quota.sum()
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _prune_nm(x, n, m):
+    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
+    groups = x.size // m
+    per_chunk = max(1, CHUNK // m)
+    nchunks = (groups + per_chunk - 1) // per_chunk
+    zero = x.dtype.type(0)
+    for c in nb.prange(nchunks):
+        keys = np.empty(m, dtype=np.int64)
+        for g in range(c * per_chunk, min((c + 1) * per_chunk, groups)):
+            base = g * m
+            for i in range(m):
+                keys[i] = np.int64(x[base + i]) & clear
+            for i in range(m):
+                beaten = 0  # a later weight beats this one by being larger, an earlier by being as large
+                for j in range(i):
+                    beaten += keys[j] >= keys[i]
+                for j in range(i + 1, m):
+                    beaten += keys[j] > keys[i]
+                x[base + i] = x[base + i] if beaten < n else zero
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _prune_24(x, n, m):
+    # 2:4, the common case, unrolled: branch-free rank counts the compiler can vectorise.
+    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
+    groups = x.size // 4
+    per_chunk = CHUNK // 4
+    nchunks = (groups + per_chunk - 1) // per_chunk
+    zero = x.dtype.type(0)
+    for c in nb.prange(nchunks):
+        for g in range(c * per_chunk, min((c + 1) * per_chunk, groups)):
+            b = g * 4
+            k0 = np.int64(x[b]) & clear
+            k1 = np.int64(x[b + 1]) & clear
+            k2 = np.int64(x[b + 2]) & clear
+            k3 = np.int64(x[b + 3]) & clear
+            r0 = np.int64(k1 > k0) + np.int64(k2 > k0) + np.int64(k3 > k0)
+            r1 = np.int64(k0 >= k1) + np.int64(k2 > k1) + np.int64(k3 > k1)
+            r2 = np.int64(k0 >= k2) + np.int64(k1 >= k2) + np.int64(k3 > k2)
+            r3 = np.int64(k0 >= k3) + np.int64(k1 >= k3) + np.int64(k2 >= k3)
+            x[b] = x[b] if r0 < 2 else zero
+            x[b + 1] = x[b + 1] if r1 < 2 else zero
+            x[b + 2] = x[b + 2] if r2 < 2 else zero
+            x[b + 3] = x[b + 3] if r3 < 2 else zero

@@ -1,0 +1,115 @@
+"""The fused in-place magnitude kernels against the torch reference (llm_prune.masks), bit for bit."""
+
+import pytest
+import torch
+
+from llm_prune.config import Sparsity
+from llm_prune.kernels import magnitude as K
+from llm_prune.masks import find_threshold, magnitude_key, nm_keep, threshold_keep
+from llm_prune.methods.magnitude import NonFinite, magnitude_keep, magnitude_prune_, threshold_prune_
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INT = {2: torch.int16, 4: torch.int32}
+
+
+def bits(x):
+    return x.view(INT[x.element_size()])
+
+
+def masked(w, keep):
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype))
+
+
+def tied(shape, dtype, seed=0):
+    """Random weights where every 7th is a copy of one value (and of its negation): many ties."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    flat = w.view(-1)
+    if flat.numel() > 8:
+        flat[::7] = flat[3]
+        flat[1::14] = -flat[3]
+        flat[5] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_histogram_equals_bincount_of_keys(dtype):
+    w = tied((300, 257), dtype)
+    shift = 16 if dtype == torch.float32 else 0
+    ref = torch.bincount(magnitude_key(w).reshape(-1).long() >> shift, minlength=1 << 15)
+    assert torch.equal(torch.from_numpy(K.key_histogram(w)), ref)
+    assert K.key_histogram(torch.empty(0, 4, dtype=dtype)).sum() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frac", [0.0, 1 / 3, 0.5, 0.9, 1.0])
+def test_prune_below_equals_threshold_keep(dtype, frac):
+    w = tied((64, 96), dtype)
+    t = find_threshold(lambda: [w], round(frac * w.numel()))
+    for ties in sorted({0, 1, t.ties, t.ties + 3}):
+        keep, used = threshold_keep(w, t.key, ties)
+        got = w.clone()
+        assert K.prune_below_(got, t.key, ties) == used
+        assert torch.equal(bits(got), bits(masked(w, keep)))
+
+
+def test_ties_across_chunk_boundaries():
+    # All weights equal: which ones go is decided by the tie quota alone, split over 4 chunks.
+    n = 3 * K.CHUNK + 5
+    w = torch.full((n,), 0.25, dtype=torch.float16)
+    w[K.CHUNK - 2:K.CHUNK + 2] = -0.25
+    key = int(magnitude_key(w)[0])
+    for ties in (1, K.CHUNK - 1, K.CHUNK + 7, 2 * K.CHUNK + 3, n, n + 10):
+        got = w.clone()
+        assert K.prune_below_(got, key, ties) == min(ties, n)
+        expect = w.clone()
+        expect[:min(ties, n)] = 0
+        assert torch.equal(bits(got), bits(expect)), ties
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3), (3, 7), (5, 16)])
+def test_prune_nm_equals_nm_keep(dtype, n, m):
+    w = tied((24, 336), dtype)  # 336 = lcm(3, 7, 16)
+    got = w.clone()
+    K.prune_nm_(got, n, m)
+    assert torch.equal(bits(got), bits(masked(w, nm_keep(w, n, m))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [Sparsity(0.0), Sparsity(0.3), Sparsity(0.5), Sparsity(0.97),
+                                      Sparsity.parse(None, "2:4"), Sparsity.parse(None, "4:8")])
+def test_magnitude_prune_equals_mask(dtype, sparsity):
+    w = tied((40, 64), dtype)
+    expect = masked(w, magnitude_keep(w, sparsity))
+    got = w.clone()
+    zeros = magnitude_prune_(got, sparsity)
+    assert torch.equal(bits(got), bits(expect))
+    assert zeros == w.numel() - int(torch.count_nonzero(expect))
+
+
+def test_fallbacks_give_the_same_bits():
+    # Not contiguous (a transposed view), and Conv1D-style N:M along dim 0: the torch path.
+    w = tied((32, 48), torch.bfloat16)
+    t = w.t()
+    expect = masked(t, magnitude_keep(t, Sparsity(0.5)))
+    assert not K.supported(t)
+    magnitude_prune_(t, Sparsity(0.5))
+    assert torch.equal(bits(t.contiguous()), bits(expect.contiguous()))
+    w = tied((32, 48), torch.float16)
+    expect = masked(w, magnitude_keep(w, Sparsity.parse(None, "2:4"), True))
+    magnitude_prune_(w, Sparsity.parse(None, "2:4"), True)
+    assert torch.equal(bits(w), bits(expect))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_is_refused_before_anything_changes(dtype, bad):
+    w = tied((16, 32), dtype)
+    w[3, 5] = bad
+    before = w.clone()
+    with pytest.raises(NonFinite):
+        magnitude_prune_(w, Sparsity(0.5))
+    with pytest.raises(NonFinite):
+        threshold_prune_(w, 100, 0)
+    assert torch.equal(bits(w), bits(before))
