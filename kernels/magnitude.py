@@ -29,6 +29,7 @@ import torch
 
 CHUNK = 1 << 18  # weights per parallel work item: small enough to balance 2-64 cores
 BINS = 1 << 15
+SPAN = 1 << 12  # weights per tie-quota step inside a chunk
 _VIEW = {torch.float16: (torch.int16, 0), torch.bfloat16: (torch.int16, 0), torch.float32: (torch.int32, 16)}
 
 
@@ -47,7 +48,7 @@ def key_histogram(w: torch.Tensor) -> np.ndarray:
     x = bits(w)
     if x.size == 0:
         return np.zeros(BINS, dtype=np.int64)
-    return _histogram(x, _VIEW[w.dtype][1])
+    return _histogram(x, _VIEW[w.dtype][1], nb.get_num_threads())
 
 
 def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
@@ -75,18 +76,24 @@ def prune_nm_(w: torch.Tensor, n: int, m: int) -> None:
 # the mask literal below is sized by the view's width.
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _histogram(x, shift):
+def _histogram(x, shift, parts):
     clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
-    nchunks = (x.size + CHUNK - 1) // CHUNK
-    per = np.zeros((nchunks, BINS), dtype=np.int32)  # one row per chunk: no sharing between threads
-    for c in nb.prange(nchunks):
-        row = per[c]
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
-            row[(np.int64(x[i]) & clear) >> shift] += 1
-    out = np.zeros(BINS, dtype=np.int64)
-    for c in range(nchunks):
-        out += per[c]
-    return out
+    # One contiguous part per thread, each with 4 interleaved rows: weights of one matrix share
+    # few keys, and back-to-back increments of one counter would wait on each other.
+    per = np.zeros((parts, 4, BINS), dtype=np.int64)
+    step = (x.size + parts - 1) // parts
+    for p in nb.prange(parts):
+        rows = per[p]
+        start, end = p * step, min((p + 1) * step, x.size)
+        quads = start + max(0, end - start) // 4 * 4
+        for i in range(start, quads, 4):
+            rows[0, (np.int64(x[i]) & clear) >> shift] += 1
+            rows[1, (np.int64(x[i + 1]) & clear) >> shift] += 1
+            rows[2, (np.int64(x[i + 2]) & clear) >> shift] += 1
+            rows[3, (np.int64(x[i + 3]) & clear) >> shift] += 1
+        for i in range(quads, end):
+            rows[0, (np.int64(x[i]) & clear) >> shift] += 1
+    return per.sum(axis=0).sum(axis=0)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -125,15 +132,25 @@ def _prune_below(x, key, ties):
     for c in nb.prange(nchunks):
         start, end = c * CHUNK, min((c + 1) * CHUNK, x.size)
         i, q = start, quota[c]
-        while q > 0:  # up to this chunk's last pruned tie, ties go too
-            k = np.int64(x[i]) & clear
-            if k <= key:
-                if k == key:
-                    q -= 1
-                x[i] = zero
-            i += 1
-        for j in range(i, end):  # the rest: a branch-free select the compiler vectorises
-            x[j] = x[j] if (np.int64(x[j]) & clear) >= key else zero
+        while q > 0:  # this chunk prunes its first q ties, in spans of SPAN weights
+            j = min(i + SPAN, end)
+            e = 0
+            for t in range(i, j):
+                e += (np.int64(x[t]) & clear) == key
+            if e <= q:  # every tie in the span goes: one vectorised select
+                for t in range(i, j):
+                    x[t] = x[t] if (np.int64(x[t]) & clear) > key else zero
+                q -= e
+            else:  # the span where the quota runs out: weight by weight
+                for t in range(i, j):
+                    k = np.int64(x[t]) & clear
+                    if k < key or (k == key and q > 0):
+                        q -= k == key
+                        x[t] = zero
+                q = 0
+            i = j
+        for t in range(i, end):  # past the quota ties stay: a select the compiler vectorises
+            x[t] = x[t] if (np.int64(x[t]) & clear) >= key else zero
     return quota.sum()
 
 

@@ -15,7 +15,7 @@ import fnmatch
 import os
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -145,31 +145,50 @@ def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
 
 
 def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt) -> None:
+    """Prune unit by unit in place; unit i is written by a thread while unit i+1 is read and pruned.
+
+    Two reused buffers (one unit each) alternate, so memory stays ~2 units whatever the model
+    size; reads, the kernels and the writes all release the GIL, so the pruning of one block
+    overlaps the write-back of the previous one (what bounds a 7B run once the page cache is full).
+    """
     n_units = len(units)
-    arena = Arena()  # reused across units: flat memory, no fresh page faults; pruned in place
+    arenas = [Arena(), Arena()]  # reused: flat memory, no fresh page faults
+    ties_left = writer.state.get("ties_left", 0)  # carried here: the writer thread lags a unit behind
     bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
-    for pos, unit in enumerate(bar):
-        if writer.done(unit):
-            continue
-        tensors = reader.read(unit.names, arena)
-        stats, ties_left = {}, writer.state.get("ties_left", 0)
-        for name in unit.targets:
-            w = tensors[name]
-            try:
-                if threshold is not None:
-                    zeros, used = threshold_prune_(w, threshold.key, ties_left)
-                    ties_left -= used
-                else:
-                    zeros = method.prune_(w, cfg.sparsity, arch.weight_in_first)
-            except NonFinite:
-                raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
-                                "the checkpoint is damaged") from None
-            stats[name] = [w.numel(), zeros]
-        state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
-        stored, meta = encode_all(tensors, {n: fmt for n in unit.targets})
-        file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
-        writer.write(unit, file, stored, {"stats": stats}, state, metadata=meta)
-        del tensors, stored
+    in_flight = None
+    with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
+        try:
+            for pos, unit in enumerate(bar):
+                if writer.done(unit):
+                    continue
+                arena = arenas[0]
+                arenas.reverse()  # the write in flight holds the other buffer
+                tensors = reader.read(unit.names, arena)
+                stats = {}
+                for name in unit.targets:
+                    w = tensors[name]
+                    try:
+                        if threshold is not None:
+                            zeros, used = threshold_prune_(w, threshold.key, ties_left)
+                            ties_left -= used
+                        else:
+                            zeros = method.prune_(w, cfg.sparsity, arch.weight_in_first)
+                    except NonFinite:
+                        raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
+                                        "the checkpoint is damaged") from None
+                    stats[name] = [w.numel(), zeros]
+                state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
+                stored, meta = encode_all(tensors, {n: fmt for n in unit.targets})
+                file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
+                if in_flight is not None:
+                    in_flight.result()  # one write at a time, in order: progress.json stays a prefix
+                in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats}, state, metadata=meta)
+                del tensors, stored
+            if in_flight is not None:
+                in_flight.result()
+        finally:
+            if in_flight is not None:
+                wait([in_flight])  # never leave a write running into a directory being removed
 
 
 def _run_key(reader: CheckpointReader, cfg: PruneConfig, fmt: str, calib: CalibConfig | None) -> dict:

@@ -314,8 +314,12 @@ class ShardWriter:
         self.resumed = len(self.progress["units"])  # units a previous run already finished
 
     def done(self, unit: Unit) -> bool:
+        """True when the unit's shard was finished, and is still there whole (same byte size)."""
         entry = self.progress["units"].get(unit.key)
-        return entry is not None and (self.tmp / entry["file"]).is_file()
+        if entry is None:
+            return False
+        path = self.tmp / entry["file"]
+        return path.is_file() and path.stat().st_size == entry.get("bytes", path.stat().st_size)
 
     def write(self, unit: Unit, file: str, tensors: dict[str, torch.Tensor], record: dict, state: dict | None = None,
               metadata: dict[str, str] | None = None):
@@ -333,7 +337,8 @@ class ShardWriter:
                 raise UserError(f"no space left on the device while writing {self.out}; "
                                 "nothing was kept, free some space and run again") from None
             raise
-        self.progress["units"][unit.key] = {"file": file, "tensors": sorted(tensors), **record}
+        self.progress["units"][unit.key] = {"file": file, "bytes": path.stat().st_size, "tensors": sorted(tensors),
+                                            **record}
         if state is not None:
             self.progress["state"] = state
         atomic_write_text(self.tmp / self.PROGRESS, json.dumps(self.progress))

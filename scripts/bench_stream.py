@@ -99,7 +99,11 @@ def _flush(tmp: Path, shards: list, save_file, final: bool = False):
 
 
 def measure(cmd: list[str], env=None) -> dict:
-    """Wall time and peak RSS of one child process (wait4 gives the child's own ru_maxrss)."""
+    """Wall time and peak RSS of one child process (wait4 gives the child's own ru_maxrss).
+
+    Dirty pages left by the previous command are flushed first (``sync``), so no command pays
+    for the writeback of another's output."""
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
