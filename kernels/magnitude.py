@@ -4,7 +4,7 @@ Magnitude pruning a 7B checkpoint is a memory-bound job: per weight, one look to
 magnitude and one to keep or zero it. Torch composes that from 6-7 full passes (key, max,
 bincount, compare, tie positions, multiply, count), each writing a temporary as large as the
 tensor. These kernels do it in two passes that write nothing but the pruned weights, in place,
-on all cores (numba, parallel over chunks of ``CHUNK`` weights):
+on all cores (numba, parallel over one part per thread or over chunks of ``CHUNK`` weights):
 
 * ``key_histogram(w)``: counts of magnitude keys (``llm_prune.masks.magnitude_key``: |w|'s bit
   pattern, sign cleared) in 2^15 bins: the whole key for fp16/bf16, its high half for fp32
@@ -68,12 +68,12 @@ def prune_nm_(w: torch.Tensor, n: int, m: int) -> None:
     """Keep the n largest of every m consecutive weights along the last dim, in place."""
     x = bits(w)
     if x.size:
-        (_prune_24 if (n, m) == (2, 4) else _prune_nm)(x, n, m)
+        _prune_24(x) if (n, m) == (2, 4) else _prune_nm(x, n, m)
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
-# Chunk c covers [c * CHUNK, min((c + 1) * CHUNK, size)). Keys: x & 0x7FFF... (sign bit cleared);
-# the mask literal below is sized by the view's width.
+# Chunk c covers [c * CHUNK, min((c + 1) * CHUNK, size)). Keys: x & 0x7FFF (16-bit views) or
+# x & 0x7FFFFFFF (32-bit): the sign bit cleared.
 
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _histogram(x, shift, parts):
@@ -177,7 +177,7 @@ def _prune_nm(x, n, m):
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_24(x, n, m):
+def _prune_24(x):
     # 2:4, the common case, unrolled: branch-free rank counts the compiler can vectorise.
     clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
     groups = x.size // 4

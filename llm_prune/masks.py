@@ -102,16 +102,27 @@ def find_threshold(visit: Callable[[], Iterable[torch.Tensor]], k: int) -> Thres
             c = torch.bincount(high, minlength=1 << 15)
         counts = c if counts is None else counts + c
         total += x.numel()
+    return threshold_from_counts(counts, k, total, visit, wide=key_dtype == torch.int32)
+
+
+def threshold_from_counts(counts: torch.Tensor | None, k: int, total: int,
+                          visit: Callable[[], Iterable[torch.Tensor]], *, wide: bool) -> Threshold:
+    """``find_threshold``'s answer from its first pass: ``counts`` is the 2^15-bin key histogram
+    of the ``total`` weights ``visit()`` yields (``kernels.magnitude.key_histogram``'s bins).
+    fp32 keys (``wide``) have their high half there; ``visit`` is walked once more for the low half."""
     if not 0 <= k <= total:
         raise ValueError(f"k={k} outside [0, {total}]")
     if k == 0:
         return Threshold.none(total)
     high, below = _select(counts, k)
-    if key_dtype != torch.int32:
+    if not wide:
         return Threshold(key=high, ties=k - below, k=k, total=total)
     # Second pass: only the keys in bucket `high` matter; histogram their low 16 bits.
     low_counts = torch.zeros(1 << _LOW_BITS, dtype=torch.int64)
     for x in visit():
+        if x.is_floating_point() and K.supported(x):
+            low_counts += torch.from_numpy(K.bucket_histogram(x, high))
+            continue
         key = as_key(x).reshape(-1)
         in_bucket = key[(key >> _LOW_BITS) == high]
         low_counts += torch.bincount((in_bucket & 0xFFFF).to(torch.int32), minlength=1 << _LOW_BITS)

@@ -319,7 +319,8 @@ class ShardWriter:
         if entry is None:
             return False
         path = self.tmp / entry["file"]
-        return path.is_file() and path.stat().st_size == entry.get("bytes", path.stat().st_size)
+        # Entries written before sizes were recorded have none: existence is all they can show.
+        return path.is_file() and entry.get("bytes", path.stat().st_size) == path.stat().st_size
 
     def write(self, unit: Unit, file: str, tensors: dict[str, torch.Tensor], record: dict, state: dict | None = None,
               metadata: dict[str, str] | None = None):

@@ -200,7 +200,7 @@ def cmd_llmc(args) -> None:
     seconds = time.perf_counter() - t0
     model.to(torch.bfloat16).save_pretrained(args.out)
     print(json.dumps({"method": args.method, "pattern": args.pattern, "oneshot_s": round(seconds, 2),
-                      "peak_rss_mib": vm_hwm() / 2**20}))
+                      "peak_rss_bytes": vm_hwm()}))
 
 
 def _timed(cmd: list[str]) -> tuple[dict, float]:
@@ -249,8 +249,7 @@ def cmd_compare(args) -> None:
                 rows.append({"tool": tool, "method": method, "pattern": pattern,
                              "ppl": perplexity(out, ids, args.ppl_seqlen, args.ppl_windows),
                              "process_wall_s": round(wall, 2), "prune_s": round(core, 2),
-                             "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20 if "peak_rss_bytes" in res
-                                                   else res["peak_rss_mib"], 1)})
+                             "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out)
     protocol = {"model": "SmolLM2-135M-Instruct (embedded, bf16 checkpoint)",

@@ -17,7 +17,8 @@ import torch
 
 from ..config import Sparsity
 from ..kernels import magnitude as K
-from ..masks import inf_key, magnitude_key, nm_keep, prune_count, threshold_keep, unstructured_keep
+from ..masks import (inf_key, magnitude_key, nm_keep, prune_count, threshold_from_counts, threshold_keep,
+                     unstructured_keep)
 from . import Method, register
 
 
@@ -43,20 +44,13 @@ def magnitude_prune_(w: torch.Tensor, sparsity: Sparsity, weight_in_first: bool 
     if sparsity.is_nm:
         K.prune_nm_(w, sparsity.n, sparsity.m)
         return w.numel() - int(torch.count_nonzero(w))
-    k = prune_count(w.numel(), sparsity.ratio)
-    if k == 0:
-        return int(hist[0]) if w.dtype != torch.float32 else w.numel() - int(torch.count_nonzero(w))
-    cum = hist.cumsum()
-    high = int((cum < k).sum())  # the bin holding the k-th smallest key
-    below = int(cum[high - 1]) if high else 0
-    if w.dtype == torch.float32:  # bins are high halves: resolve the low half in that one bin
-        low_cum = K.bucket_histogram(w, high).cumsum()
-        low = int((low_cum < k - below).sum())
-        key, below = (high << 16) | low, below + (int(low_cum[low - 1]) if low else 0)
-    else:
-        key = high
-    K.prune_below_(w, key, k - below)
-    return max(k, int(hist[0])) if w.dtype != torch.float32 else w.numel() - int(torch.count_nonzero(w))
+    t = threshold_from_counts(torch.from_numpy(hist), prune_count(w.numel(), sparsity.ratio), w.numel(),
+                              lambda: [w], wide=w.dtype == torch.float32)
+    K.prune_below_(w, t.key, t.ties)
+    if w.dtype == torch.float32:  # bin 0 holds tiny fp32 values too, not only zeros
+        return w.numel() - int(torch.count_nonzero(w))
+    # 16-bit: bin 0 is exactly the zeros; the k pruned include them all unless k is smaller.
+    return max(t.k, int(hist[0]))
 
 
 def threshold_prune_(w: torch.Tensor, key: int, ties: int) -> tuple[int, int]:
