@@ -23,6 +23,8 @@ Tests check every kernel bit for bit against the torch reference in ``llm_prune.
 
 from __future__ import annotations
 
+import threading
+
 import numba as nb
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ import torch
 CHUNK = 1 << 18  # weights per parallel work item: small enough to balance 2-64 cores
 BINS = 1 << 15
 SPAN = 1 << 12  # weights per tie-quota step inside a chunk
+# numba's fallback threading layer (workqueue, when neither OpenMP nor TBB is installed) aborts
+# the process if two threads launch parallel kernels at once; the loader prunes in a thread.
+_LOCK = threading.Lock()
 _VIEW = {torch.float16: (torch.int16, 0), torch.bfloat16: (torch.int16, 0), torch.float32: (torch.int32, 16)}
 
 
@@ -43,17 +48,27 @@ def bits(w: torch.Tensor) -> np.ndarray:
     return w.view(_VIEW[w.dtype][0]).reshape(-1).numpy()
 
 
+def _clear(x: np.ndarray):
+    """The sign-clearing mask in ``x``'s own integer type: the kernels then compare and mask in
+    16-bit lanes for 16-bit weights (16 per AVX2 vector instead of 4 int64 ones)."""
+    return x.dtype.type(0x7FFF if x.itemsize == 2 else 0x7FFFFFFF)
+
+
 def key_histogram(w: torch.Tensor) -> np.ndarray:
     """int64 counts of magnitude keys in 2^15 bins (fp32: bins are the keys' high 16 bits)."""
     x = bits(w)
     if x.size == 0:
         return np.zeros(BINS, dtype=np.int64)
-    return _histogram(x, _VIEW[w.dtype][1], nb.get_num_threads())
+    # int32 counters keep each thread's table at 512 KiB (its L2); a part must not overflow them.
+    parts = max(nb.get_num_threads(), -(-x.size // (1 << 31)))
+    with _LOCK:
+        return _histogram(x, _clear(x), _VIEW[w.dtype][1], parts)
 
 
 def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
     """fp32 only: counts of the low 16 key bits of the weights whose high half is ``high``."""
-    return _bucket_histogram(bits(w), high)
+    with _LOCK:
+        return _bucket_histogram(bits(w), high)
 
 
 def prune_below_(w: torch.Tensor, key: int, ties: int) -> int:
@@ -61,39 +76,49 @@ def prune_below_(w: torch.Tensor, key: int, ties: int) -> int:
     x = bits(w)
     if x.size == 0 or key < 0:
         return 0
-    return int(_prune_below(x, key, ties))
+    with _LOCK:
+        return int(_prune_below(x, _clear(x), x.dtype.type(key), ties))
 
 
 def prune_nm_(w: torch.Tensor, n: int, m: int) -> None:
     """Keep the n largest of every m consecutive weights along the last dim, in place."""
     x = bits(w)
     if x.size:
-        _prune_24(x) if (n, m) == (2, 4) else _prune_nm(x, n, m)
+        with _LOCK:
+            _prune_24(x, _clear(x)) if (n, m) == (2, 4) else _prune_nm(x, n, m)
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
-# Chunk c covers [c * CHUNK, min((c + 1) * CHUNK, size)). Keys: x & 0x7FFF (16-bit views) or
-# x & 0x7FFFFFFF (32-bit): the sign bit cleared.
+# Keys: x & clear, the sign bit cleared (0x7FFF for 16-bit views, 0x7FFFFFFF for 32-bit), in x's
+# own type. Parallel loops hand each thread a slice and call a plain loop over it that starts at
+# 0: numba then drops its negative-index handling and LLVM vectorises the selects and counts
+# (10x faster than indexing the whole array from inside the parallel loop).
+
+@nb.njit(cache=True, nogil=True)
+def _count_keys(seg, clear, shift, rows):
+    # 4 interleaved rows: weights of one matrix share few keys, and back-to-back increments of
+    # one counter would wait on each other.
+    quads = seg.size // 4 * 4
+    for i in range(0, quads, 4):
+        rows[0, (seg[i] & clear) >> shift] += 1
+        rows[1, (seg[i + 1] & clear) >> shift] += 1
+        rows[2, (seg[i + 2] & clear) >> shift] += 1
+        rows[3, (seg[i + 3] & clear) >> shift] += 1
+    for i in range(quads, seg.size):
+        rows[0, (seg[i] & clear) >> shift] += 1
+
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _histogram(x, shift, parts):
-    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
-    # One contiguous part per thread, each with 4 interleaved rows: weights of one matrix share
-    # few keys, and back-to-back increments of one counter would wait on each other.
-    per = np.zeros((parts, 4, BINS), dtype=np.int64)
+def _histogram(x, clear, shift, parts):
+    per = np.zeros((parts, 4, BINS), dtype=np.int32)
     step = (x.size + parts - 1) // parts
     for p in nb.prange(parts):
-        rows = per[p]
-        start, end = p * step, min((p + 1) * step, x.size)
-        quads = start + max(0, end - start) // 4 * 4
-        for i in range(start, quads, 4):
-            rows[0, (np.int64(x[i]) & clear) >> shift] += 1
-            rows[1, (np.int64(x[i + 1]) & clear) >> shift] += 1
-            rows[2, (np.int64(x[i + 2]) & clear) >> shift] += 1
-            rows[3, (np.int64(x[i + 3]) & clear) >> shift] += 1
-        for i in range(quads, end):
-            rows[0, (np.int64(x[i]) & clear) >> shift] += 1
-    return per.sum(axis=0).sum(axis=0)
+        _count_keys(x[p * step:min((p + 1) * step, x.size)], clear, shift, per[p])
+    out = np.zeros(BINS, dtype=np.int64)
+    for p in range(parts):
+        for r in range(4):
+            out += per[p, r]
+    return out
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -112,45 +137,54 @@ def _bucket_histogram(x, high):
     return out
 
 
+@nb.njit(cache=True, nogil=True)
+def _count_equal(seg, clear, key):
+    e = 0
+    for t in range(seg.size):
+        e += (seg[t] & clear) == key
+    return e
+
+
+@nb.njit(cache=True, nogil=True)
+def _keep_from(seg, clear, key):
+    """Zero every weight whose key is below ``key``: one branch-free select."""
+    zero = seg.dtype.type(0)
+    for t in range(seg.size):
+        v = seg[t]
+        seg[t] = v if (v & clear) >= key else zero
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_below(x, key, ties):
-    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
+def _prune_below(x, clear, key, ties):
     nchunks = (x.size + CHUNK - 1) // CHUNK
     quota = np.zeros(nchunks, dtype=np.int64)  # ties each chunk prunes: the earliest ones overall
     if ties > 0:
         equal = np.zeros(nchunks, dtype=np.int64)
         for c in nb.prange(nchunks):
-            e = 0
-            for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
-                e += (np.int64(x[i]) & clear) == key
-            equal[c] = e
+            equal[c] = _count_equal(x[c * CHUNK:min((c + 1) * CHUNK, x.size)], clear, key)
         left = ties
         for c in range(nchunks):
             quota[c] = min(left, equal[c])
             left -= quota[c]
     zero = x.dtype.type(0)
     for c in nb.prange(nchunks):
-        start, end = c * CHUNK, min((c + 1) * CHUNK, x.size)
-        i, q = start, quota[c]
+        seg = x[c * CHUNK:min((c + 1) * CHUNK, x.size)]
+        i, q = 0, quota[c]
         while q > 0:  # this chunk prunes its first q ties, in spans of SPAN weights
-            j = min(i + SPAN, end)
-            e = 0
-            for t in range(i, j):
-                e += (np.int64(x[t]) & clear) == key
-            if e <= q:  # every tie in the span goes: one vectorised select
-                for t in range(i, j):
-                    x[t] = x[t] if (np.int64(x[t]) & clear) > key else zero
+            span = seg[i:min(i + SPAN, seg.size)]
+            e = _count_equal(span, clear, key)
+            if e <= q:  # every tie in the span goes
+                _keep_from(span, clear, key + 1)
                 q -= e
             else:  # the span where the quota runs out: weight by weight
-                for t in range(i, j):
-                    k = np.int64(x[t]) & clear
+                for t in range(span.size):
+                    k = span[t] & clear
                     if k < key or (k == key and q > 0):
                         q -= k == key
-                        x[t] = zero
+                        span[t] = zero
                 q = 0
-            i = j
-        for t in range(i, end):  # past the quota ties stay: a select the compiler vectorises
-            x[t] = x[t] if (np.int64(x[t]) & clear) >= key else zero
+            i += span.size
+        _keep_from(seg[i:], clear, key)  # past the quota ties stay
     return quota.sum()
 
 
@@ -176,26 +210,28 @@ def _prune_nm(x, n, m):
                 x[base + i] = x[base + i] if beaten < n else zero
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_24(x):
+@nb.njit(cache=True, nogil=True)
+def _keep_2of4(seg, clear):
     # 2:4, the common case, unrolled: branch-free rank counts the compiler can vectorise.
-    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
-    groups = x.size // 4
-    per_chunk = CHUNK // 4
-    nchunks = (groups + per_chunk - 1) // per_chunk
-    zero = x.dtype.type(0)
+    zero = seg.dtype.type(0)
+    for g in range(seg.size // 4):
+        b = g * 4
+        k0 = seg[b] & clear
+        k1 = seg[b + 1] & clear
+        k2 = seg[b + 2] & clear
+        k3 = seg[b + 3] & clear
+        r0 = np.int32(k1 > k0) + np.int32(k2 > k0) + np.int32(k3 > k0)
+        r1 = np.int32(k0 >= k1) + np.int32(k2 > k1) + np.int32(k3 > k1)
+        r2 = np.int32(k0 >= k2) + np.int32(k1 >= k2) + np.int32(k3 > k2)
+        r3 = np.int32(k0 >= k3) + np.int32(k1 >= k3) + np.int32(k2 >= k3)
+        seg[b] = seg[b] if r0 < 2 else zero
+        seg[b + 1] = seg[b + 1] if r1 < 2 else zero
+        seg[b + 2] = seg[b + 2] if r2 < 2 else zero
+        seg[b + 3] = seg[b + 3] if r3 < 2 else zero
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _prune_24(x, clear):
+    nchunks = (x.size + CHUNK - 1) // CHUNK  # CHUNK is a multiple of 4: groups never straddle chunks
     for c in nb.prange(nchunks):
-        for g in range(c * per_chunk, min((c + 1) * per_chunk, groups)):
-            b = g * 4
-            k0 = np.int64(x[b]) & clear
-            k1 = np.int64(x[b + 1]) & clear
-            k2 = np.int64(x[b + 2]) & clear
-            k3 = np.int64(x[b + 3]) & clear
-            r0 = np.int64(k1 > k0) + np.int64(k2 > k0) + np.int64(k3 > k0)
-            r1 = np.int64(k0 >= k1) + np.int64(k2 > k1) + np.int64(k3 > k1)
-            r2 = np.int64(k0 >= k2) + np.int64(k1 >= k2) + np.int64(k3 > k2)
-            r3 = np.int64(k0 >= k3) + np.int64(k1 >= k3) + np.int64(k2 >= k3)
-            x[b] = x[b] if r0 < 2 else zero
-            x[b + 1] = x[b + 1] if r1 < 2 else zero
-            x[b + 2] = x[b + 2] if r2 < 2 else zero
-            x[b + 3] = x[b + 3] if r3 < 2 else zero
+        _keep_2of4(x[c * CHUNK:min((c + 1) * CHUNK, x.size)], clear)

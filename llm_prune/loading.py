@@ -26,12 +26,15 @@ changed checkpoint has another fingerprint.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -124,15 +127,19 @@ class DenseSource:
         # Units only look at names and sizes: run the reader's grouping over the dense view.
         return CheckpointReader.units(_InfoView(self.infos), arch)
 
-    def read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Dense tensors one at a time, in file order (each shard opened once)."""
+    def read(self, names: list[str], mapped: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Dense tensors one at a time, in file order (each shard opened once). Stored tensors
+        named in ``mapped`` come as private mappings of the file (read when touched, as
+        transformers loads them); the others are read into fresh memory."""
         by_file: dict[str, list[str]] = {}
         for n in names:
             by_file.setdefault(self.reader.infos[self.recipe[n][1][0]].file, []).append(n)
         for file, dense_names in by_file.items():
             plain = [n for n in dense_names if self.recipe[n][0] is None]
             if not self.reader.pickle:
-                yield from self.reader.read_fresh(plain)
+                lazy = [n for n in plain if n in mapped]
+                yield from heapq.merge(self.reader.read_fresh([n for n in plain if n not in mapped]),
+                                       self.reader.read_mapped(lazy), key=lambda item: self.reader.infos[item[0]].offset)
             else:
                 for n in plain:
                     yield n, self.reader.read([n])[n]
@@ -354,7 +361,26 @@ def _materialize(source: DenseSource, dtype, device_map, max_memory, offload_fol
                  transforms: dict[str, Callable[[str, torch.Tensor], torch.Tensor]], progress):
     """Empty model -> each tensor read, transformed (pruned), cast and placed -> ties -> dispatch.
 
+    Reading and pruning run in a background thread from the start (``_Ahead``): they release
+    the GIL, so they overlap with importing the model's transformers modules and building it
+    empty, which is most of what a plain transformers load costs.
     Returns the model and the map checkpoint name -> model parameter name."""
+    dtype = _resolve_dtype(dtype, source.reader.config, source)
+    # Tensors read ahead are held until the model exists. They are the model's own memory when
+    # everything stays on the CPU and no cast shrinks them; otherwise read ahead only a little.
+    shrinks = any(i.dtype.is_floating_point and i.dtype.itemsize > dtype.itemsize for i in source.infos.values())
+    limit = None if device_map is None and not shrinks else 2
+    with _Ahead(_transformed(source, transforms), limit) as tensors:
+        return _build(source, dtype, device_map, max_memory, offload_folder, transforms, tensors, progress)
+
+
+def _transformed(source: DenseSource, transforms) -> Iterator[tuple[str, torch.Tensor]]:
+    # What is not pruned is mapped, not read: untouched until used, as in transformers' own load.
+    for name, w in source.read(list(source.infos), mapped=source.infos.keys() - transforms.keys()):
+        yield name, (transforms[name](name, w) if name in transforms else w)
+
+
+def _build(source: DenseSource, dtype, device_map, max_memory, offload_folder, transforms, tensors, progress):
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig
@@ -363,7 +389,6 @@ def _materialize(source: DenseSource, dtype, device_map, max_memory, offload_fol
 
     path = source.reader.path
     config = AutoConfig.from_pretrained(path)
-    dtype = _resolve_dtype(dtype, config, source)
     cls = _model_class(config)
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed for real
         model = cls._from_config(config, dtype=dtype)
@@ -382,11 +407,11 @@ def _materialize(source: DenseSource, dtype, device_map, max_memory, offload_fol
     offload_folder = str(offload_folder) if offload_folder is not None else None
 
     loaded: set[str] = set()
-    bar = tqdm(source.read(list(names)), total=len(names), desc="loading", unit="tensor", disable=not progress)
+    bar = tqdm(tensors, total=len(source.infos), desc="loading", unit="tensor", disable=not progress)
     for name, w in bar:
+        if name not in names:
+            continue
         key = names[name]
-        if name in transforms:
-            w = transforms[name](name, w)
         if w.is_floating_point():
             w = w.to(_param_dtype(key, dtype, dtype_plan))
         device = placement.get(key, "cpu")
@@ -423,8 +448,65 @@ def _materialize(source: DenseSource, dtype, device_map, max_memory, offload_fol
     return model, names
 
 
-def _resolve_dtype(dtype, config, source: DenseSource) -> torch.dtype:
-    """transformers' ``dtype="auto"``: the config's dtype, else the first floating tensor's."""
+class _Ahead:
+    """Iterate ``items`` in a background thread, at most ``limit`` items ahead (None: no limit).
+
+    Items come out in order; an exception in the thread comes out where its item would have.
+    Leaving the ``with`` block early stops the thread after the item it is working on."""
+
+    _END = object()
+
+    def __init__(self, items, limit: int | None):
+        self._queue: queue.Queue = queue.Queue(maxsize=limit or 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="llm-prune-read", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting for room
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def _run(self, items) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(_Failed(e))
+            return
+        self._put(self._END)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not self._END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+def _resolve_dtype(dtype, config: dict, source: DenseSource) -> torch.dtype:
+    """transformers' ``dtype="auto"``: config.json's dtype, else the first floating tensor's."""
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise UserError(f"dtype must be a torch dtype or 'auto', got {dtype!r}")
@@ -433,9 +515,8 @@ def _resolve_dtype(dtype, config, source: DenseSource) -> torch.dtype:
         return dtype
     if dtype not in (None, "auto"):
         raise UserError(f"dtype must be a torch dtype or 'auto', got {dtype!r}")
-    cfg_dtype = getattr(config, "dtype", None)
-    if isinstance(cfg_dtype, str):
-        cfg_dtype = getattr(torch, cfg_dtype, None)
+    cfg_dtype = config.get("dtype") or config.get("torch_dtype")  # the key before transformers 5
+    cfg_dtype = getattr(torch, cfg_dtype, None) if isinstance(cfg_dtype, str) else None
     if isinstance(cfg_dtype, torch.dtype):
         return cfg_dtype
     return next((i.dtype for i in source.infos.values() if i.dtype.is_floating_point), torch.get_default_dtype())

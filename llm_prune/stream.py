@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -217,6 +218,24 @@ class CheckpointReader:
             self._positional_reads([(info, t.reshape(-1).view(torch.uint8))])
             yield info.name, t
 
+    def read_mapped(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The named tensors as private (copy-on-write) mappings of their bytes in the file, in
+        file order: nothing is read until a page is touched, untouched pages stay shared with the
+        page cache (as transformers' own loads do), and writes go to private copies, never to
+        the file. A tensor holds only its own byte range, so it pins no other tensor's pages."""
+        for info in sorted((self.infos[n] for n in names), key=lambda i: (i.file, i.offset)):
+            if info.nbytes == 0:
+                yield info.name, torch.empty(info.shape, dtype=info.dtype)
+                continue
+            start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+            with open(self.path / info.file, "rb") as f:  # the mapping outlives the descriptor
+                if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
+                    raise UserError(f"{self.path / info.file} ended before {info.name}: the file is truncated")
+                m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            t = torch.frombuffer(m, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
+            yield info.name, t.view(info.dtype).view(info.shape)
+
     def _positional_reads(self, jobs: list[tuple[TensorInfo, torch.Tensor]]) -> None:
         """Fill each uint8 destination with its tensor's bytes, in file order, each file opened once."""
         handles: dict[str, object] = {}
@@ -368,7 +387,10 @@ class ShardWriter:
             os.replace(self.tmp, self.out)
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Drop the partial directory after a refused run, unless it holds an earlier run's
+        finished units: those stay, to resume once the cause is fixed."""
+        if not self.resumed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _read_json(path: Path):

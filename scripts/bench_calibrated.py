@@ -265,6 +265,37 @@ def cmd_compare(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def cmd_summarize(args) -> None:
+    """Merge compare runs made with different calibration seeds: perplexity per seed, the mean,
+    and llm-prune / llm-compressor ratios of the means (one seed's gap is within the noise that
+    a few changed masks cause; see BENCHMARKS.md)."""
+    runs = [json.loads(Path(f).read_text()) for f in args.files]
+    table: dict[tuple, dict] = {}
+    for run in runs:
+        seed = run["protocol"]["calibration"].split("seed ")[1].split(";")[0]
+        for r in run["rows"]:
+            if r["method"] == "dense":
+                continue
+            cell = table.setdefault((r["method"], r["pattern"], r["tool"]), {"ppl": {}, "wall": {}})
+            cell["ppl"][seed], cell["wall"][seed] = r["ppl"], r["process_wall_s"]
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    lines = ["| method | pattern | tool | ppl per seed | mean ppl | ppl ratio | wall ratio |", "|---|---|---|---|---:|---:|---:|"]
+    summary = []
+    for (method, pattern, tool), cell in sorted(table.items()):
+        other = table.get((method, pattern, "llm-compressor"))
+        both = other is not None and tool == "llm-prune" and other["ppl"].keys() == cell["ppl"].keys()
+        ppl_ratio = mean(cell["ppl"]) / mean(other["ppl"]) if both else None
+        wall_ratio = mean(cell["wall"]) / mean(other["wall"]) if both else None
+        seeds = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(cell["ppl"].items()))
+        lines.append(f"| {method} | {pattern} | {tool} | {seeds} | {mean(cell['ppl']):.2f} | "
+                     f"{'' if ppl_ratio is None else f'{ppl_ratio:.3f}'} | {'' if wall_ratio is None else f'{wall_ratio:.2f}'} |")
+        summary.append({"method": method, "pattern": pattern, "tool": tool, "ppl": cell["ppl"],
+                        "mean_ppl": mean(cell["ppl"]), "ppl_ratio_of_means": ppl_ratio, "wall_ratio_of_means": wall_ratio})
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": args.files, "summary": summary}, indent=1))
+
+
 def cmd_ppl(args) -> None:
     from transformers import AutoTokenizer
 
@@ -313,8 +344,11 @@ def main() -> None:
     pp.add_argument("--dir", required=True)
     pp.add_argument("--ppl-seqlen", type=int, default=512)
     pp.add_argument("--ppl-windows", type=int, default=6)
+    sm = sub.add_parser("summarize")
+    sm.add_argument("files", nargs="+", help="JSON files written by compare --json")
+    sm.add_argument("--json", help="also write the summary here")
     args = p.parse_args()
-    {"quality": cmd_quality, "prune": cmd_prune, "speed7b": cmd_speed7b, "llmc_windows": cmd_llmc_windows,
+    {"summarize": cmd_summarize, "quality": cmd_quality, "prune": cmd_prune, "speed7b": cmd_speed7b, "llmc_windows": cmd_llmc_windows,
      "llmc": cmd_llmc, "ppl": cmd_ppl, "compare": cmd_compare}[args.cmd](args)
 
 

@@ -128,6 +128,47 @@ def test_bad_requests(tiny_llama):
         from_pretrained(tiny_llama, method="wanda", sparsity=0.5, progress=False)
 
 
+def test_non_finite_weight_is_one_clear_error_from_the_reading_thread(tmp_path, tiny_llama):
+    src = tmp_path / "inf"
+    shutil.copytree(tiny_llama, src)
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("mlp.up_proj.weight"))
+    tensors[name].view(-1)[7] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{name} .* has inf or nan values"):
+        from_pretrained(src, sparsity=0.5, progress=False)
+
+
+@pytest.mark.parametrize("limit", [None, 1])
+def test_reading_ahead_keeps_order_and_raises_in_place(limit):
+    def items():
+        yield from range(5)
+        raise ValueError("broken at 5")
+
+    seen = []
+    with pytest.raises(ValueError, match="broken at 5"), load_mod._Ahead(items(), limit) as ahead:
+        for x in ahead:
+            seen.append(x)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_leaving_early_stops_the_reading_thread():
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    with load_mod._Ahead(items(), 2) as ahead:
+        for x in ahead:
+            if x == 3:
+                break
+    assert not ahead._thread.is_alive()
+    assert len(produced) <= 3 + 1 + 2 + 1  # consumed, one in the queue's hand-off, the limit, one in flight
+
+
 # -- the global threshold cache ------------------------------------------------------------------------------
 def test_global_tables_cached_reused_and_invalidated(tmp_path, tiny_llama, monkeypatch):
     first = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)

@@ -116,9 +116,9 @@ def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: 
                 h.remove()
             for n, m in linears.items():
                 name = f"model.layers.{i}.{n}.weight"
-                new, _ = method.solve(source[name], stats[n], sparsity, weight_in_first=False, calib=calib)
-                pruned[name] = new
-                m.weight.data = new.float()
+                new, _ = method.solve(source[name].float(), stats[n], sparsity, weight_in_first=False, calib=calib)
+                pruned[name] = new.to(source[name].dtype)  # exported rounded; propagated as solved
+                m.weight.data = new
             xs = [layer(x, **kw) for x in xs]
     return pruned
 
@@ -154,7 +154,7 @@ def test_same_seed_same_bytes_and_another_seed_differs(llama_dir, calib_text, tm
     assert a != c
 
 
-def test_resume_rebuilds_the_next_inputs_from_written_shards(llama_dir, calib_text, tmp_path, monkeypatch):
+def test_resume_starts_from_the_saved_inputs_bit_identical(llama_dir, calib_text, tmp_path, monkeypatch):
     cfg, calib = PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5, 2, 4)), calib_for(calib_text)
     run(llama_dir, cfg, calib, tmp_path / "full", fmt="packed24")
     real_write, written = ShardWriter.write, []
@@ -172,12 +172,33 @@ def test_resume_rebuilds_the_next_inputs_from_written_shards(llama_dir, calib_te
     assert written == ["block.0", "block.1"]
     with pytest.raises(UserError, match="other (calibration )?settings"):
         run(llama_dir, cfg, calib_for(calib_text, nsamples=5), tmp_path / "resumed", resume=True, fmt="packed24")
+    partial = tmp_path / ".resumed.partial"
+    assert sorted(p.name for p in partial.glob("calibration-inputs-*")) == ["calibration-inputs-00002.bin"]
     report = run(llama_dir, cfg, calib, tmp_path / "resumed", resume=True, fmt="packed24")
     assert report["run"]["resumed_units"] == 2
+    assert not list((tmp_path / "resumed").glob("calibration-inputs-*"))
     full, resumed = decoded(tmp_path / "full"), decoded(tmp_path / "resumed")
     assert sorted(full) == sorted(resumed) and all(torch.equal(full[n], resumed[n]) for n in full), \
         [n for n in full if not torch.equal(full[n], resumed[n])]
     assert all(f.name.startswith("sparse-") for f in (tmp_path / "full").glob("*.safetensors"))
+
+
+def test_resume_without_saved_inputs_is_one_clear_error(llama_dir, calib_text, tmp_path, monkeypatch):
+    cfg, calib = PruneConfig(method="wanda", sparsity=Sparsity(0.5)), calib_for(calib_text)
+    real_write = ShardWriter.write
+
+    def die_after_block_0(self, unit, *args, **kw):
+        real_write(self, unit, *args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "write", die_after_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        run(llama_dir, cfg, calib, tmp_path / "out")
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    (tmp_path / ".out.partial" / "calibration-inputs-00001.bin").write_bytes(b"short")
+    with pytest.raises(UserError, match="lacks the saved inputs of block 1"):
+        run(llama_dir, cfg, calib, tmp_path / "out", resume=True)
+    assert (tmp_path / ".out.partial").is_dir()  # nothing lost
 
 
 def test_only_the_embedding_is_materialised_to_capture_block_inputs(llama_dir):
