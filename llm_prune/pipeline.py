@@ -32,7 +32,7 @@ from .masks import Threshold, find_threshold, key_to_value
 from .methods import get_method
 from .methods.magnitude import NonFinite, threshold_prune_
 from .kernels.formats import check_encodable, encode_all
-from .sequential import prune_sequential
+from .sequential import prune_sequential, saved_inputs_bytes
 from .stream import SAFE_INDEX, SPARSE_INDEX, Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
 
 PRUNABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,7 +59,10 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     writer = ShardWriter(out, _run_key(reader, cfg, fmt, calib), overwrite=overwrite, resume=resume,
                          index_name=index_name(fmt))
     try:
-        check_free_space(out.parent, sum(i.nbytes for i in reader.infos.values()) - _written_bytes(writer))
+        needed = sum(i.nbytes for i in reader.infos.values()) - _written_bytes(writer)
+        if calib is not None:
+            needed += saved_inputs_bytes(reader.config, calib)
+        check_free_space(out.parent, needed)
         # Hash the source in the background: it is I/O the pruning loop can overlap.
         with ThreadPoolExecutor(1) as pool:
             hashes = pool.submit(lambda: {f: file_sha256(src / f) for f in reader.files})

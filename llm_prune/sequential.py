@@ -254,6 +254,12 @@ def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, 
     return module.to(device).eval()
 
 
+def saved_inputs_bytes(model_config: dict, calib: CalibConfig) -> int:
+    """Disk the saved block inputs take at most (two files while one replaces the other)."""
+    hidden = model_config.get("hidden_size") or model_config.get("d_model") or 0
+    return 2 * calib.nsamples * calib.resolved_seqlen(model_config) * hidden * calib.torch_dtype().itemsize
+
+
 def _inputs_file(block: int) -> str:
     return f"calibration-inputs-{block:05d}.bin"
 
