@@ -51,6 +51,9 @@ class CalibConfig:
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     dtype: str = "float32"  # activations and block forward; statistics are always fp32
     offload: bool = False  # keep activations in CPU memory when the device is a GPU
+    # Solve a block's targets group by group (q/k/v, o, gate/up, down), each observed with the
+    # groups before it already pruned, as GPTQ's --true-sequential: one forward per group.
+    true_sequential: bool = False
 
     def __post_init__(self):
         if self.nsamples < 1:
@@ -237,6 +240,9 @@ def add_calibration_arguments(parser) -> None:
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT columns per update block (default: 128)")
     g.add_argument("--act-dtype", default="float32", choices=sorted(DTYPES),
                    help="dtype of calibration activations and block forwards (default: float32)")
+    g.add_argument("--true-sequential", action="store_true",
+                   help="observe each group of a block's targets after the groups before it are pruned "
+                        "(one block forward per group instead of one per block)")
     g.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations in CPU memory while blocks run on the GPU")
 
@@ -244,4 +250,4 @@ def add_calibration_arguments(parser) -> None:
 def calib_config_from_args(args) -> CalibConfig:
     return CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                        device=args.device, damp=args.damp, blocksize=args.blocksize, dtype=args.act_dtype,
-                       offload=args.offload_activations)
+                       offload=args.offload_activations, true_sequential=args.true_sequential)

@@ -119,18 +119,21 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
                                     "the checkpoint is damaged")
             block = load_block(blocks[unit.block], tensors, arch, device, dtype)
             rel_targets = {arch.block_of(n)[1]: n for n in unit.targets}
-            observers = _Observers(block, list(rel_targets), method.observer, device)
-            run_block(block, x, kwargs, device, dtype, collect=False, after_each=observers.end_forward)
-            observers.remove()
+            first = observers = _observe(block, list(rel_targets), method, device, x, kwargs, dtype,
+                                         first_group_only=calib.true_sequential)
             stats = {}
-            for rel, name in rel_targets.items():
+            for rel, name in _in_groups(rel_targets, first, calib.true_sequential):
+                if first.leader.get(rel) == rel and rel not in observers.stats:
+                    # true-sequential: this group's inputs, with the groups before it pruned
+                    group = [r for r in rel_targets if first.leader.get(r) == rel]
+                    observers = _observe(block, group, method, device, x, kwargs, dtype)
                 new, keep = method.solve(tensors[name].to(device, torch.float32), observers.stat(rel), cfg.sparsity,
                                          weight_in_first=arch.weight_in_first, calib=calib)
                 mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
                 setattr(block.get_submodule(mod_path), pname, nn.Parameter(new.to(device, dtype), requires_grad=False))
                 tensors[name] = stored = new.to(tensors[name].dtype).cpu()
                 stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
-            del observers
+            del observers, first
             if unit.block < len(blocks) - 1:
                 x = run_block(block, x, kwargs, device, dtype, collect=True)
                 _save_inputs(writer, unit.block + 1, x)  # before the block counts as done
@@ -295,6 +298,25 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *,
     return x if collect else None
 
 
+def _observe(block, rels, method, device, x, kwargs, dtype, first_group_only=False) -> "_Observers":
+    """One forward of every sample through ``block`` with ``rels`` observed."""
+    observers = _Observers(block, rels, method.observer, device, first_group_only=first_group_only)
+    run_block(block, x, kwargs, device, dtype, collect=False, after_each=observers.end_forward)
+    observers.remove()
+    return observers
+
+
+def _in_groups(rel_targets: dict, observers: "_Observers", grouped: bool):
+    """(rel, name) of every target; grouped: in forward order, each input group's leader first."""
+    if not grouped:
+        yield from rel_targets.items()
+        return
+    leaders = list(dict.fromkeys(observers.leader.values()))
+    order = [r for leader in leaders for r in [leader] + [r for r in rel_targets if observers.leader.get(r) == leader and r != leader]]
+    order += [r for r in rel_targets if r not in observers.leader]  # never ran: stat() says so
+    yield from ((r, rel_targets[r]) for r in order)
+
+
 class _Observers:
     """Forward pre-hooks feeding each target's inputs to its method's observer.
 
@@ -304,7 +326,8 @@ class _Observers:
     activation's memory can be reused by the next one).
     """
 
-    def __init__(self, block: nn.Module, rel_names: list[str], make, device):
+    def __init__(self, block: nn.Module, rel_names: list[str], make, device, first_group_only: bool = False):
+        self.first_group_only = first_group_only  # accumulate only the first input group's statistics
         self.leader: dict[str, str] = {}
         self.stats: dict[str, object] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
@@ -324,8 +347,10 @@ class _Observers:
                     return
                 self._seen.append((x, rel))
                 self.leader[rel] = rel
+                if self.first_group_only and self.stats:
+                    return  # a later group: observed in its own forward, after the earlier ones are pruned
                 self.stats[rel] = make(x.shape[-1], device)
-            if self.leader[rel] == rel:
+            if rel in self.stats:
                 self.stats[rel].add(x.detach())
         return pre
 

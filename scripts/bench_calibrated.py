@@ -55,7 +55,8 @@ def cmd_prune(args) -> None:
     from llm_prune.calibration import CalibConfig
 
     torch.set_num_threads(args.threads)
-    calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                        true_sequential=args.true_sequential)
     rss0 = vm_hwm()  # after imports
     report = run_pruning(Path(args.src), args.method, args.pattern, Path(args.out), calib)
     print(json.dumps({"time_s": report["run"]["time_s"], "peak_rss_bytes": vm_hwm(),
@@ -240,7 +241,8 @@ def cmd_compare(args) -> None:
                 out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
                 if tool == "llm-prune":
                     res, wall = _timed([sys.executable, __file__, "prune", "--src", str(src), "--method", method,
-                                        "--pattern", pattern, "--out", str(out), *common])
+                                        "--pattern", pattern, "--out", str(out), *common,
+                                        *(["--true-sequential"] if args.true_sequential else [])])
                     core = res["time_s"]
                 else:
                     res, wall = _timed([args.llmc_python, __file__, "llmc", "--windows", str(windows),
@@ -258,7 +260,8 @@ def cmd_compare(args) -> None:
                 "perplexity": f"held-out split, {int(ids.numel())} tokens, non-overlapping windows of "
                               f"{args.ppl_seqlen}, first {args.ppl_windows} windows, fp32",
                 "settings": "layer scope, every Linear in the blocks (lm_head and embeddings kept), damp 0.01, "
-                            "blocksize 128", "threads": args.threads}
+                            "blocksize 128" + ("; llm-prune --true-sequential" if args.true_sequential else ""),
+                "threads": args.threads}
     result = {"protocol": protocol, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -269,28 +272,28 @@ def cmd_summarize(args) -> None:
     """Merge compare runs made with different calibration seeds: perplexity per seed, the mean,
     and llm-prune / llm-compressor ratios of the means (one seed's gap is within the noise that
     a few changed masks cause; see BENCHMARKS.md)."""
-    runs = [json.loads(Path(f).read_text()) for f in args.files]
+    runs = [json.loads(Path(f).read_text()) for f in args.files]  # later files win for the same cell
     table: dict[tuple, dict] = {}
     for run in runs:
         seed = run["protocol"]["calibration"].split("seed ")[1].split(";")[0]
         for r in run["rows"]:
             if r["method"] == "dense":
                 continue
-            cell = table.setdefault((r["method"], r["pattern"], r["tool"]), {"ppl": {}, "wall": {}})
-            cell["ppl"][seed], cell["wall"][seed] = r["ppl"], r["process_wall_s"]
+            cell = table.setdefault((r["method"], r["pattern"], r["tool"]), {"ppl": {}})
+            cell["ppl"][seed] = r["ppl"]
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-    lines = ["| method | pattern | tool | ppl per seed | mean ppl | ppl ratio | wall ratio |", "|---|---|---|---|---:|---:|---:|"]
+    # Wall times are left out: they only compare within one run (one machine state), see compare.
+    lines = ["| method | pattern | tool | ppl per seed | mean ppl | ppl ratio of means |", "|---|---|---|---|---:|---:|"]
     summary = []
     for (method, pattern, tool), cell in sorted(table.items()):
         other = table.get((method, pattern, "llm-compressor"))
         both = other is not None and tool == "llm-prune" and other["ppl"].keys() == cell["ppl"].keys()
         ppl_ratio = mean(cell["ppl"]) / mean(other["ppl"]) if both else None
-        wall_ratio = mean(cell["wall"]) / mean(other["wall"]) if both else None
         seeds = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(cell["ppl"].items()))
         lines.append(f"| {method} | {pattern} | {tool} | {seeds} | {mean(cell['ppl']):.2f} | "
-                     f"{'' if ppl_ratio is None else f'{ppl_ratio:.3f}'} | {'' if wall_ratio is None else f'{wall_ratio:.2f}'} |")
+                     f"{'' if ppl_ratio is None else f'{ppl_ratio:.3f}'} |")
         summary.append({"method": method, "pattern": pattern, "tool": tool, "ppl": cell["ppl"],
-                        "mean_ppl": mean(cell["ppl"]), "ppl_ratio_of_means": ppl_ratio, "wall_ratio_of_means": wall_ratio})
+                        "mean_ppl": mean(cell["ppl"]), "ppl_ratio_of_means": ppl_ratio})
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": args.files, "summary": summary}, indent=1))
@@ -324,6 +327,7 @@ def main() -> None:
     pr.add_argument("--method", required=True)
     pr.add_argument("--pattern", required=True, choices=sorted(PATTERNS))
     pr.add_argument("--out", required=True)
+    pr.add_argument("--true-sequential", action="store_true")
     sub.choices["speed7b"].add_argument("--blocks", type=int, default=1)
     sub.choices["llmc_windows"].add_argument("--out", required=True)
     lc = sub.choices["llmc"]
@@ -340,6 +344,7 @@ def main() -> None:
     cp.add_argument("--ppl-seqlen", type=int, default=512)
     cp.add_argument("--ppl-windows", type=int, default=6)
     cp.add_argument("--json", help="also write the result here")
+    cp.add_argument("--true-sequential", action="store_true", help="llm-prune solves group by group in a block")
     pp = sub.choices["ppl"]
     pp.add_argument("--dir", required=True)
     pp.add_argument("--ppl-seqlen", type=int, default=512)

@@ -82,6 +82,10 @@ def digest(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.glob("*.safetensors"))}
 
 
+LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
 def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: CalibConfig) -> dict:
     """The reference loop (as in the SparseGPT/Wanda repos): the whole model in memory, block 0's
     inputs caught by a hook, then per block: observe every Linear, solve, re-run the pruned block."""
@@ -107,18 +111,21 @@ def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: 
         hook.remove()
         xs, kw, pruned = caught["x"], caught["kw"], {}
         for i, layer in enumerate(layers):
-            linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            stats = {n: method.observer(m.in_features, "cpu") for n, m in linears.items()}
-            hooks = [m.register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0])) for n, m in linears.items()]
-            for x in xs:
-                layer(x, **kw)
-            for h in hooks:
-                h.remove()
-            for n, m in linears.items():
-                name = f"model.layers.{i}.{n}.weight"
-                new, _ = method.solve(source[name].float(), stats[n], sparsity, weight_in_first=False, calib=calib)
-                pruned[name] = new.to(source[name].dtype)  # exported rounded; propagated as solved
-                m.weight.data = new
+            all_linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            # true-sequential: observe and solve group by group; else all at once from one forward
+            for group in (LLAMA_GROUPS if calib.true_sequential else [list(all_linears)]):
+                linears = {n: all_linears[n] for n in group}
+                stats = {n: method.observer(m.in_features, "cpu") for n, m in linears.items()}
+                hooks = [m.register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0])) for n, m in linears.items()]
+                for x in xs:
+                    layer(x, **kw)
+                for h in hooks:
+                    h.remove()
+                for n, m in linears.items():
+                    name = f"model.layers.{i}.{n}.weight"
+                    new, _ = method.solve(source[name].float(), stats[n], sparsity, weight_in_first=False, calib=calib)
+                    pruned[name] = new.to(source[name].dtype)  # exported rounded; propagated as solved
+                    m.weight.data = new
             xs = [layer(x, **kw) for x in xs]
     return pruned
 
@@ -142,6 +149,21 @@ def test_streaming_equals_in_memory_block_by_block(llama_dir, calib_text, tmp_pa
     cal = report["calibration"]
     assert (cal["source"], cal["nsamples"], cal["seqlen"], cal["seed"]) == (str(calib_text), 6, 32, 0)
     assert cal["text_tokens"] >= 6 * 32
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_true_sequential_equals_group_by_group_reference(llama_dir, calib_text, tmp_path, method):
+    calib, sparsity = calib_for(calib_text, true_sequential=True), Sparsity(0.5)
+    run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib, tmp_path / "seq")
+    run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib_for(calib_text), tmp_path / "all")
+    streamed, at_once = load_dir(tmp_path / "seq"), load_dir(tmp_path / "all")
+    reference = in_memory_reference(llama_dir, method, sparsity, calib)
+    assert len(reference) == 3 * 7
+    for name, expected in reference.items():
+        assert torch.equal(streamed[name], expected), name
+    # block 0's q/k/v see the same inputs either way; its o_proj sees pruned q/k/v only when grouped
+    assert torch.equal(streamed["model.layers.0.self_attn.q_proj.weight"], at_once["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(streamed["model.layers.0.self_attn.o_proj.weight"], at_once["model.layers.0.self_attn.o_proj.weight"])
 
 
 def test_same_seed_same_bytes_and_another_seed_differs(llama_dir, calib_text, tmp_path):
