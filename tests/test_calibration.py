@@ -92,8 +92,9 @@ def test_cli_flags_build_the_config():
     p = argparse.ArgumentParser()
     add_calibration_arguments(p)
     args = p.parse_args(["--nsamples", "32", "--seqlen", "512", "--seed", "7", "--calib", "x.txt", "--device", "cpu",
-                         "--damp", "0.1", "--blocksize", "64", "--act-dtype", "bfloat16", "--offload-activations"])
-    assert calib_config_from_args(args) == CalibConfig("x.txt", 32, 512, 7, "cpu", 0.1, 64, "bfloat16", True)
+                         "--damp", "0.1", "--blocksize", "64", "--act-dtype", "bfloat16", "--offload-activations",
+                         "--true-sequential"])
+    assert calib_config_from_args(args) == CalibConfig("x.txt", 32, 512, 7, "cpu", 0.1, 64, "bfloat16", True, True)
     assert calib_config_from_args(p.parse_args([])) == CalibConfig()
 
 
