@@ -119,20 +119,22 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
                                     "the checkpoint is damaged")
             block = load_block(blocks[unit.block], tensors, arch, device, dtype)
             rel_targets = {arch.block_of(n)[1]: n for n in unit.targets}
-            first = observers = _observe(block, list(rel_targets), method, device, x, kwargs, dtype,
-                                         first_group_only=calib.true_sequential)
+            first = _observe(block, list(rel_targets), method, device, x, kwargs, dtype,
+                             first_group_only=calib.true_sequential)
+            groups = first.groups(list(rel_targets)) if calib.true_sequential else [list(rel_targets)]
             stats = {}
-            for rel, name in _in_groups(rel_targets, first, calib.true_sequential):
-                if first.leader.get(rel) == rel and rel not in observers.stats:
-                    # true-sequential: this group's inputs, with the groups before it pruned
-                    group = [r for r in rel_targets if first.leader.get(r) == rel]
-                    observers = _observe(block, group, method, device, x, kwargs, dtype)
-                new, keep = method.solve(tensors[name].to(device, torch.float32), observers.stat(rel), cfg.sparsity,
-                                         weight_in_first=arch.weight_in_first, calib=calib)
-                mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
-                setattr(block.get_submodule(mod_path), pname, nn.Parameter(new.to(device, dtype), requires_grad=False))
-                tensors[name] = stored = new.to(tensors[name].dtype).cpu()
-                stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
+            for i, group in enumerate(groups):
+                # true-sequential: each later group is observed anew, with the groups before it pruned
+                observers = first if i == 0 else _observe(block, group, method, device, x, kwargs, dtype)
+                for rel in group:
+                    name = rel_targets[rel]
+                    new, keep = method.solve(tensors[name].to(device, torch.float32), observers.stat(rel),
+                                             cfg.sparsity, weight_in_first=arch.weight_in_first, calib=calib)
+                    mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
+                    setattr(block.get_submodule(mod_path), pname,
+                            nn.Parameter(new.to(device, dtype), requires_grad=False))
+                    tensors[name] = stored = new.to(tensors[name].dtype).cpu()
+                    stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
             del observers, first
             if unit.block < len(blocks) - 1:
                 x = run_block(block, x, kwargs, device, dtype, collect=True)
@@ -306,17 +308,6 @@ def _observe(block, rels, method, device, x, kwargs, dtype, first_group_only=Fal
     return observers
 
 
-def _in_groups(rel_targets: dict, observers: "_Observers", grouped: bool):
-    """(rel, name) of every target; grouped: in forward order, each input group's leader first."""
-    if not grouped:
-        yield from rel_targets.items()
-        return
-    leaders = list(dict.fromkeys(observers.leader.values()))
-    order = [r for leader in leaders for r in [leader] + [r for r in rel_targets if observers.leader.get(r) == leader and r != leader]]
-    order += [r for r in rel_targets if r not in observers.leader]  # never ran: stat() says so
-    yield from ((r, rel_targets[r]) for r in order)
-
-
 class _Observers:
     """Forward pre-hooks feeding each target's inputs to its method's observer.
 
@@ -357,6 +348,13 @@ class _Observers:
     def end_forward(self) -> None:
         self._first = False
         self._seen.clear()
+
+    def groups(self, rel_names: list[str]) -> list[list[str]]:
+        """``rel_names`` grouped by shared input, the groups in forward order."""
+        for rel in rel_names:
+            if rel not in self.leader:
+                self.stat(rel)  # refuses a target that never ran
+        return [[r for r in rel_names if self.leader[r] == leader] for leader in dict.fromkeys(self.leader.values())]
 
     def stat(self, rel: str):
         if rel not in self.leader:

@@ -223,18 +223,23 @@ class CheckpointReader:
         file order: nothing is read until a page is touched, untouched pages stay shared with the
         page cache (as transformers' own loads do), and writes go to private copies, never to
         the file. A tensor holds only its own byte range, so it pins no other tensor's pages."""
+        by_file: dict[str, list[TensorInfo]] = {}
         for info in sorted((self.infos[n] for n in names), key=lambda i: (i.file, i.offset)):
-            if info.nbytes == 0:
-                yield info.name, torch.empty(info.shape, dtype=info.dtype)
-                continue
-            start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-            with open(self.path / info.file, "rb") as f:  # the mapping outlives the descriptor
-                if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
-                    raise UserError(f"{self.path / info.file} ended before {info.name}: the file is truncated")
-                m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-            t = torch.frombuffer(m, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
-            yield info.name, t.view(info.dtype).view(info.shape)
+            by_file.setdefault(info.file, []).append(info)
+        for file, infos in by_file.items():
+            with open(self.path / file, "rb") as f:  # the mappings outlive the descriptor
+                size = os.fstat(f.fileno()).st_size
+                for info in infos:
+                    if info.nbytes == 0:
+                        yield info.name, torch.empty(info.shape, dtype=info.dtype)
+                        continue
+                    if size < info.offset + info.nbytes:
+                        raise UserError(f"{self.path / file} ended before {info.name}: the file is truncated")
+                    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+                    m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+                    t = torch.frombuffer(m, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
+                    yield info.name, t.view(info.dtype).view(info.shape)
 
     def _positional_reads(self, jobs: list[tuple[TensorInfo, torch.Tensor]]) -> None:
         """Fill each uint8 destination with its tensor's bytes, in file order, each file opened once."""
