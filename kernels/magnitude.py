@@ -10,12 +10,16 @@ on all cores (numba, parallel over one part per thread or over chunks of ``CHUNK
   pattern, sign cleared) in 2^15 bins: the whole key for fp16/bf16, its high half for fp32
   (``bucket_histogram`` resolves the low half of one bucket). Everything a threshold, a
   finiteness check and the pruning statistics need.
-* ``prune_below_(w, key, ties)``: zero every weight whose key is below ``key`` and the first
-  ``ties`` (in flat order) whose key equals it: ``masks.threshold_keep`` exactly, including its
-  tie order. Parallel chunks learn how many ties they own from a count per chunk.
-* ``prune_nm_(w, n, m)``: keep the ``n`` largest magnitudes of every ``m`` consecutive weights,
-  earlier weight first on ties: ``masks.nm_keep`` exactly.
+* ``prune_below_(w, key, ties, out=None)``: zero every weight whose key is below ``key`` and the
+  first ``ties`` (in flat order) whose key equals it: ``masks.threshold_keep`` exactly, including
+  its tie order. Parallel chunks learn how many ties they own from a count per chunk.
+* ``prune_nm_(w, n, m, out=None)``: keep the ``n`` largest magnitudes of every ``m`` consecutive
+  weights, earlier weight first on ties: ``masks.nm_keep`` exactly.
+* ``max_key(w)``: the largest key, a vectorised read (finiteness checks that need no histogram).
 
+The prune kernels write into ``w`` itself or into ``out``: the exporter reads a tensor from the
+source file's pages and writes the pruned weights straight into the output file's pages, so the
+weights cross memory once. They return the zeros they wrote, so no caller counts them again.
 Pruned weights become +0 (all bits clear), as everywhere in llm-prune. Compiled on first use and
 cached on disk by numba (``cache=True``), so only the first run after installing pays ~seconds.
 Tests check every kernel bit for bit against the torch reference in ``llm_prune.masks``.
@@ -71,21 +75,50 @@ def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
         return _bucket_histogram(bits(w), high)
 
 
-def prune_below_(w: torch.Tensor, key: int, ties: int) -> int:
-    """Prune in place (see module doc); returns how many ties it pruned (<= ``ties``)."""
+def max_key(w: torch.Tensor) -> int:
+    """The largest magnitude key of ``w`` (-1 when empty): one vectorised read, the cheap finiteness
+    check for callers that need no histogram (N:M, a threshold already known)."""
     x = bits(w)
-    if x.size == 0 or key < 0:
+    if x.size == 0:
+        return -1
+    with _LOCK:
+        return int(_max_key(x, _clear(x)))
+
+
+def prune_below_(w: torch.Tensor, key: int, ties: int, out: torch.Tensor | None = None) -> tuple[int, int]:
+    """Prune (see module doc) into ``out`` (default: ``w`` itself, in place).
+
+    Returns (ties pruned, at most ``ties``; zeros in the result, counting -0)."""
+    x, y = bits(w), _out_bits(w, out)
+    if x.size == 0:
+        return 0, 0
+    if key < 0:  # nothing to prune
+        if y is not None:
+            y[:] = x
+        return 0, int(np.count_nonzero((x & _clear(x)) == 0))
+    with _LOCK:
+        used, zeros = _prune_below(x, y, _clear(x), x.dtype.type(key), ties)
+    return int(used), int(zeros)
+
+
+def prune_nm_(w: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> int:
+    """Keep the n largest of every m consecutive weights along the last dim, into ``out``
+    (default: in place). Returns the zeros in the result."""
+    x, y = bits(w), _out_bits(w, out)
+    if x.size == 0:
         return 0
     with _LOCK:
-        return int(_prune_below(x, _clear(x), x.dtype.type(key), ties))
+        return int(_prune_24(x, y, _clear(x)) if (n, m) == (2, 4) else _prune_nm(x, y, n, m))
 
 
-def prune_nm_(w: torch.Tensor, n: int, m: int) -> None:
-    """Keep the n largest of every m consecutive weights along the last dim, in place."""
-    x = bits(w)
-    if x.size:
-        with _LOCK:
-            _prune_24(x, _clear(x)) if (n, m) == (2, 4) else _prune_nm(x, n, m)
+def _out_bits(w: torch.Tensor, out: torch.Tensor | None) -> np.ndarray | None:
+    # None means in place: the kernels then write through the very array they read, which LLVM
+    # vectorises (two views of one buffer would fail its overlap check and run scalar, 15x slower).
+    if out is None or out is w:
+        return None
+    if out.dtype != w.dtype or out.numel() != w.numel() or not supported(out):
+        raise ValueError(f"out must be a contiguous {w.dtype} CPU tensor of {w.numel()} elements")
+    return bits(out)
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
@@ -139,6 +172,24 @@ def _bucket_histogram(x, high):
 
 
 @nb.njit(cache=True, nogil=True)
+def _max_seg(seg, clear):
+    m = seg.dtype.type(0)
+    for t in range(seg.size):
+        k = seg[t] & clear
+        m = k if k > m else m
+    return m
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _max_key(x, clear):
+    nchunks = (x.size + CHUNK - 1) // CHUNK
+    per = np.zeros(nchunks, dtype=np.int64)
+    for c in nb.prange(nchunks):
+        per[c] = _max_seg(x[c * CHUNK:min((c + 1) * CHUNK, x.size)], clear)
+    return per.max()
+
+
+@nb.njit(cache=True, nogil=True)
 def _count_equal(seg, clear, key):
     e = 0
     for t in range(seg.size):
@@ -147,16 +198,60 @@ def _count_equal(seg, clear, key):
 
 
 @nb.njit(cache=True, nogil=True)
-def _keep_from(seg, clear, key):
-    """Zero every weight whose key is below ``key``: one branch-free select."""
+def _keep_from(seg, out, clear, key):
+    """out (None: seg itself) = seg with every weight whose key is below ``key`` zeroed: one
+    branch-free select. Returns the zeros written (either sign)."""
+    if out is None:
+        dst = seg
+    else:
+        dst = out
     zero = seg.dtype.type(0)
+    z = 0
     for t in range(seg.size):
         v = seg[t]
-        seg[t] = v if (v & clear) >= key else zero
+        v = v if (v & clear) >= key else zero
+        dst[t] = v
+        z += (v & clear) == 0
+    return z
+
+
+@nb.njit(cache=True, nogil=True)
+def _prune_chunk(seg, out, clear, key, q):
+    """One chunk of ``_prune_below``: its first ``q`` ties go, in spans of SPAN weights."""
+    if out is None:
+        dst = seg
+    else:
+        dst = out
+    zero = seg.dtype.type(0)
+    i, z = 0, 0
+    while q > 0:
+        end = min(i + SPAN, seg.size)
+        span, ospan = seg[i:end], dst[i:end]
+        e = _count_equal(span, clear, key)
+        if e <= q:  # every tie in the span goes
+            if out is None:
+                z += _keep_from(span, None, clear, key + 1)
+            else:
+                z += _keep_from(span, ospan, clear, key + 1)
+            q -= e
+        else:  # the span where the quota runs out: weight by weight
+            for t in range(span.size):
+                v = span[t]
+                k = v & clear
+                if k < key or (k == key and q > 0):
+                    q -= k == key
+                    v = zero
+                ospan[t] = v
+                z += (v & clear) == 0
+            q = 0
+        i = end
+    if out is None:  # past the quota ties stay
+        return z + _keep_from(seg[i:], None, clear, key)
+    return z + _keep_from(seg[i:], dst[i:], clear, key)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_below(x, clear, key, ties):
+def _prune_below(x, y, clear, key, ties):
     nchunks = (x.size + CHUNK - 1) // CHUNK
     quota = np.zeros(nchunks, dtype=np.int64)  # ties each chunk prunes: the earliest ones overall
     if ties > 0:
@@ -167,37 +262,31 @@ def _prune_below(x, clear, key, ties):
         for c in range(nchunks):
             quota[c] = min(left, equal[c])
             left -= quota[c]
-    zero = x.dtype.type(0)
+    zeros = np.zeros(nchunks, dtype=np.int64)
     for c in nb.prange(nchunks):
-        seg = x[c * CHUNK:min((c + 1) * CHUNK, x.size)]
-        i, q = 0, quota[c]
-        while q > 0:  # this chunk prunes its first q ties, in spans of SPAN weights
-            span = seg[i:min(i + SPAN, seg.size)]
-            e = _count_equal(span, clear, key)
-            if e <= q:  # every tie in the span goes
-                _keep_from(span, clear, key + 1)
-                q -= e
-            else:  # the span where the quota runs out: weight by weight
-                for t in range(span.size):
-                    k = span[t] & clear
-                    if k < key or (k == key and q > 0):
-                        q -= k == key
-                        span[t] = zero
-                q = 0
-            i += span.size
-        _keep_from(seg[i:], clear, key)  # past the quota ties stay
-    return quota.sum()
+        lo, hi = c * CHUNK, min((c + 1) * CHUNK, x.size)
+        if y is None:  # ifs on the arguments, not expressions: numba drops the dead branch
+            zeros[c] = _prune_chunk(x[lo:hi], None, clear, key, quota[c])
+        else:
+            zeros[c] = _prune_chunk(x[lo:hi], y[lo:hi], clear, key, quota[c])
+    return quota.sum(), zeros.sum()
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_nm(x, n, m):
+def _prune_nm(x, y, n, m):
     clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
     groups = x.size // m
     per_chunk = max(1, CHUNK // m)
     nchunks = (groups + per_chunk - 1) // per_chunk
+    zeros = np.zeros(nchunks, dtype=np.int64)
     zero = x.dtype.type(0)
+    if y is None:
+        dst = x
+    else:
+        dst = y
     for c in nb.prange(nchunks):
         keys = np.empty(m, dtype=np.int64)
+        z = 0
         for g in range(c * per_chunk, min((c + 1) * per_chunk, groups)):
             base = g * m
             for i in range(m):
@@ -208,31 +297,48 @@ def _prune_nm(x, n, m):
                     beaten += keys[j] >= keys[i]
                 for j in range(i + 1, m):
                     beaten += keys[j] > keys[i]
-                x[base + i] = x[base + i] if beaten < n else zero
+                v = x[base + i] if beaten < n else zero
+                dst[base + i] = v
+                z += (np.int64(v) & clear) == 0
+        zeros[c] = z
+    return zeros.sum()
 
 
 @nb.njit(cache=True, nogil=True)
-def _keep_2of4(seg, clear):
+def _keep_2of4(seg, out, clear):
     # 2:4, the common case, unrolled: branch-free rank counts the compiler can vectorise.
+    if out is None:  # an if on the argument: numba prunes the dead branch at compile time
+        dst = seg
+    else:
+        dst = out
     zero = seg.dtype.type(0)
+    z = 0
     for g in range(seg.size // 4):
         b = g * 4
-        k0 = seg[b] & clear
-        k1 = seg[b + 1] & clear
-        k2 = seg[b + 2] & clear
-        k3 = seg[b + 3] & clear
+        v0, v1, v2, v3 = seg[b], seg[b + 1], seg[b + 2], seg[b + 3]
+        k0, k1, k2, k3 = v0 & clear, v1 & clear, v2 & clear, v3 & clear
         r0 = np.int32(k1 > k0) + np.int32(k2 > k0) + np.int32(k3 > k0)
         r1 = np.int32(k0 >= k1) + np.int32(k2 > k1) + np.int32(k3 > k1)
         r2 = np.int32(k0 >= k2) + np.int32(k1 >= k2) + np.int32(k3 > k2)
         r3 = np.int32(k0 >= k3) + np.int32(k1 >= k3) + np.int32(k2 >= k3)
-        seg[b] = seg[b] if r0 < 2 else zero
-        seg[b + 1] = seg[b + 1] if r1 < 2 else zero
-        seg[b + 2] = seg[b + 2] if r2 < 2 else zero
-        seg[b + 3] = seg[b + 3] if r3 < 2 else zero
+        v0 = v0 if r0 < 2 else zero
+        v1 = v1 if r1 < 2 else zero
+        v2 = v2 if r2 < 2 else zero
+        v3 = v3 if r3 < 2 else zero
+        dst[b], dst[b + 1], dst[b + 2], dst[b + 3] = v0, v1, v2, v3
+        z += np.int32((v0 & clear) == 0) + np.int32((v1 & clear) == 0) + np.int32((v2 & clear) == 0) \
+            + np.int32((v3 & clear) == 0)
+    return z
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_24(x, clear):
+def _prune_24(x, y, clear):
     nchunks = (x.size + CHUNK - 1) // CHUNK  # CHUNK is a multiple of 4: groups never straddle chunks
+    zeros = np.zeros(nchunks, dtype=np.int64)
     for c in nb.prange(nchunks):
-        _keep_2of4(x[c * CHUNK:min((c + 1) * CHUNK, x.size)], clear)
+        lo, hi = c * CHUNK, min((c + 1) * CHUNK, x.size)
+        if y is None:  # ifs on the arguments, not expressions: numba drops the dead branch
+            zeros[c] = _keep_2of4(x[lo:hi], None, clear)
+        else:
+            zeros[c] = _keep_2of4(x[lo:hi], y[lo:hi], clear)
+    return zeros.sum()

@@ -4,7 +4,7 @@
     units  = reader.units(arch)             one per block, plus the non-block tensors
     (global scope) threshold = one pass     exact k-th magnitude over all targets
     for unit in units:                      the only place weights are in memory
-        tensors = reader.read(unit)         memory-mapped
+        tensors = reader.read(targets)      into a reused buffer; the rest is copied file to file
         prune targets -> writer.write()     one shard per unit, recorded in progress.json
     writer.finish()                         index, side files, sparsity.json, atomic rename
 """
@@ -166,7 +166,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                     continue
                 arena = arenas[0]
                 arenas.reverse()  # the write in flight holds the other buffer
-                tensors = reader.read(unit.names, arena)
+                tensors = reader.read(unit.targets, arena)  # the rest is copied file to file
                 stats = {}
                 for name in unit.targets:
                     w = tensors[name]
@@ -182,6 +182,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                     stats[name] = [w.numel(), zeros]
                 state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
                 stored, meta = encode_all(tensors, {n: fmt for n in unit.targets})
+                stored.update(reader.sources([n for n in unit.names if n not in tensors]))
                 file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
                 if in_flight is not None:
                     in_flight.result()  # one write at a time, in order: progress.json stays a prefix

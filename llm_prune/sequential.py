@@ -105,7 +105,7 @@ def prune_sequential(reader: CheckpointReader, units: list[Unit], cfg: PruneConf
             file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
             if unit.block is None:
                 if not writer.done(unit):
-                    writer.write(unit, file, reader.read(unit.names), {"stats": {}}, state)
+                    writer.write(unit, file, reader.sources(unit.names), {"stats": {}}, state)
                 continue
             if writer.done(unit):
                 continue

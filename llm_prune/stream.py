@@ -16,13 +16,13 @@ import json
 import mmap
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import safe_open, SafetensorError
-from safetensors.torch import save_file
 
 from .arch import Arch
 from .errors import UserError
@@ -39,7 +39,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ms
 WEIGHT_INDEXES = (SAFE_INDEX, SPARSE_INDEX, PICKLE_INDEX)
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,18 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A tensor left where it is in a source file: the writer copies its bytes file to file in
+    the kernel (``copy_file_range``), so a tensor that is not pruned is never read into memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -206,6 +219,14 @@ class CheckpointReader:
         self._positional_reads(list(zip(infos, views)))
         return {i.name: v.view(i.dtype).view(i.shape) for i, v in zip(infos, views)}
 
+    def sources(self, names: list[str]) -> dict[str, "torch.Tensor | FileBytes"]:
+        """The named tensors for a writer that passes them through unchanged: byte ranges of
+        their files (pickle checkpoints: the tensors themselves)."""
+        if self.pickle:
+            return self.read(names)
+        return {n: FileBytes(self.path / i.file, i.offset, i.nbytes, i.dtype, i.shape)
+                for n, i in ((n, self.infos[n]) for n in names)}
+
     def read_fresh(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The named tensors one at a time, each in fresh memory the caller keeps (a loaded model).
 
@@ -306,6 +327,69 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def save_safetensors(path: Path, tensors: dict[str, "torch.Tensor | FileBytes"], metadata: dict[str, str]) -> None:
+    """Write a safetensors file from tensors in memory and byte ranges of other files.
+
+    The format (8-byte header length, JSON header, the tensors' bytes back to back) is simple
+    enough to write directly, and doing so saves what ``safetensors.torch.save_file`` costs on a
+    7B block: a full copy of every tensor into fresh bytes objects before the write (3x the
+    write's own time here). Tensors are laid out by element size, largest first, then by name,
+    as the library does, so every tensor stays aligned to its element size; metadata keys are
+    sorted, so identical runs write identical bytes.
+    """
+    entries = sorted(tensors.items(), key=lambda kv: (-_itemsize(kv[1].dtype), kv[0]))
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    end = 0
+    for name, t in entries:
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
+        n = t.nbytes if isinstance(t, FileBytes) else t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + n]}
+        end += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format asks
+    with open(path, "wb", buffering=0) as f:
+        _write_all(f, struct.pack("<Q", len(raw)) + raw)
+        for name, t in entries:
+            if isinstance(t, FileBytes):
+                _copy_bytes(t, f)
+            elif t.numel():
+                _write_all(f, memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _write_all(f, view) -> None:
+    view = memoryview(view)
+    while len(view):  # one write() moves at most ~2 GiB on Linux
+        view = view[f.write(view):]
+
+
+def _copy_bytes(src: FileBytes, f) -> None:
+    """Append ``src``'s bytes to ``f``: in the kernel where the file systems allow, else read and write."""
+    with open(src.path, "rb", buffering=0) as g:
+        done = 0
+        try:
+            while done < src.nbytes:
+                k = os.copy_file_range(g.fileno(), f.fileno(), src.nbytes - done, src.offset + done)
+                if k == 0:
+                    raise UserError(f"{src.path} ended early: the file is truncated")
+                done += k
+            return
+        except OSError as e:  # not across these file systems (EXDEV), or no kernel support
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+        g.seek(src.offset + done)
+        while done < src.nbytes:
+            chunk = g.read(min(64 << 20, src.nbytes - done))
+            if not chunk:
+                raise UserError(f"{src.path} ended early: the file is truncated")
+            _write_all(f, chunk)
+            done += len(chunk)
+
+
 class ShardWriter:
     """Writes units as shards into ``.NAME.partial`` and publishes the directory atomically.
 
@@ -346,14 +430,12 @@ class ShardWriter:
         # Entries written before sizes were recorded have none: existence is all they can show.
         return path.is_file() and entry.get("bytes", path.stat().st_size) == path.stat().st_size
 
-    def write(self, unit: Unit, file: str, tensors: dict[str, torch.Tensor], record: dict, state: dict | None = None,
+    def write(self, unit: Unit, file: str, tensors: dict[str, "torch.Tensor | FileBytes"], record: dict, state: dict | None = None,
               metadata: dict[str, str] | None = None):
         path = self.tmp / file
         part = path.with_name(path.name + ".tmp")
         try:
-            # One metadata key at most: safetensors writes __metadata__ from a hash map in random
-            # order, and several keys would make identical runs write different bytes.
-            save_file(tensors, str(part), metadata=metadata or {"format": "pt"})
+            save_safetensors(part, tensors, metadata or {"format": "pt"})
             os.replace(part, path)
         except OSError as e:
             part.unlink(missing_ok=True)

@@ -48,9 +48,14 @@ def test_prune_below_equals_threshold_keep(dtype, frac):
     t = find_threshold(lambda: [w], round(frac * w.numel()))
     for ties in sorted({0, 1, t.ties, t.ties + 3}):
         keep, used = threshold_keep(w, t.key, ties)
+        expect = masked(w, keep)
+        zeros = w.numel() - int(torch.count_nonzero(expect))
         got = w.clone()
-        assert K.prune_below_(got, t.key, ties) == used
-        assert torch.equal(bits(got), bits(masked(w, keep)))
+        assert K.prune_below_(got, t.key, ties) == (used, zeros)
+        assert torch.equal(bits(got), bits(expect))
+        out, before = torch.full_like(w, 7.0), w.clone()  # out of place: the source stays
+        assert K.prune_below_(w, t.key, ties, out=out) == (used, zeros)
+        assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(w), bits(before))
 
 
 def test_ties_across_chunk_boundaries():
@@ -61,7 +66,7 @@ def test_ties_across_chunk_boundaries():
     key = int(magnitude_key(w)[0])
     for ties in (1, K.CHUNK - 1, K.CHUNK + 7, 2 * K.CHUNK + 3, n, n + 10):
         got = w.clone()
-        assert K.prune_below_(got, key, ties) == min(ties, n)
+        assert K.prune_below_(got, key, ties)[0] == min(ties, n)
         expect = w.clone()
         expect[:min(ties, n)] = 0
         assert torch.equal(bits(got), bits(expect)), ties
@@ -71,9 +76,14 @@ def test_ties_across_chunk_boundaries():
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 3), (3, 7), (5, 16)])
 def test_prune_nm_equals_nm_keep(dtype, n, m):
     w = tied((24, 336), dtype)  # 336 = lcm(3, 7, 16)
+    expect = masked(w, nm_keep(w, n, m))
+    zeros = w.numel() - int(torch.count_nonzero(expect))
     got = w.clone()
-    K.prune_nm_(got, n, m)
-    assert torch.equal(bits(got), bits(masked(w, nm_keep(w, n, m))))
+    assert K.prune_nm_(got, n, m) == zeros
+    assert torch.equal(bits(got), bits(expect))
+    out, before = torch.empty_like(w), w.clone()
+    assert K.prune_nm_(w, n, m, out=out) == zeros
+    assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(w), bits(before))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,6 +96,9 @@ def test_magnitude_prune_equals_mask(dtype, sparsity):
     zeros = magnitude_prune_(got, sparsity)
     assert torch.equal(bits(got), bits(expect))
     assert zeros == w.numel() - int(torch.count_nonzero(expect))
+    out, before = torch.empty_like(w), w.clone()
+    assert magnitude_prune_(w, sparsity, out=out) == zeros
+    assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(w), bits(before))
 
 
 def test_fallbacks_give_the_same_bits():
@@ -98,6 +111,9 @@ def test_fallbacks_give_the_same_bits():
     assert torch.equal(bits(t.contiguous()), bits(expect.contiguous()))
     w = tied((32, 48), torch.float16)
     expect = masked(w, magnitude_keep(w, Sparsity.parse(None, "2:4"), True))
+    out = torch.empty_like(w)
+    magnitude_prune_(w, Sparsity.parse(None, "2:4"), True, out=out)
+    assert torch.equal(bits(out), bits(expect))
     magnitude_prune_(w, Sparsity.parse(None, "2:4"), True)
     assert torch.equal(bits(w), bits(expect))
 
@@ -112,4 +128,18 @@ def test_non_finite_is_refused_before_anything_changes(dtype, bad):
         magnitude_prune_(w, Sparsity(0.5))
     with pytest.raises(NonFinite):
         threshold_prune_(w, 100, 0)
-    assert torch.equal(bits(w), bits(before))
+    with pytest.raises(NonFinite):
+        magnitude_prune_(w, Sparsity.parse(None, "2:4"))
+    out = torch.zeros_like(w)
+    with pytest.raises(NonFinite):
+        magnitude_prune_(w, Sparsity(0.5), out=out)
+    assert torch.equal(bits(w), bits(before)) and not out.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_key(dtype):
+    w = tied((300, 257), dtype)
+    assert K.max_key(w) == int(magnitude_key(w).max())
+    w.view(-1)[-1] = float("-inf")
+    assert K.max_key(w) == int(magnitude_key(w).max())
+    assert K.max_key(torch.empty(0, dtype=dtype)) == -1

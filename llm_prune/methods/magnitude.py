@@ -34,37 +34,39 @@ class NonFinite(ValueError):
     """The tensor holds inf or nan (the caller names the tensor and its file)."""
 
 
-def magnitude_prune_(w: torch.Tensor, sparsity: Sparsity, weight_in_first: bool = False) -> int:
-    """Layer-scope OMP (or N:M) of ``w`` in place; returns the number of zeros it ends with."""
-    if not K.supported(w) or (sparsity.is_nm and weight_in_first):
+def magnitude_prune_(w: torch.Tensor, sparsity: Sparsity, weight_in_first: bool = False,
+                     out: torch.Tensor | None = None) -> int:
+    """Layer-scope OMP (or N:M) of ``w``, into ``out`` (default: in place); returns the zeros the
+    result holds."""
+    if not K.supported(w) or (sparsity.is_nm and weight_in_first) or (out is not None and not K.supported(out)):
+        w = _into(w, out)
         _check_finite(w)
         _apply(w, magnitude_keep(w, sparsity, weight_in_first))
         return w.numel() - int(torch.count_nonzero(w))
-    hist = checked_histogram(w)
     if sparsity.is_nm:
-        K.prune_nm_(w, sparsity.n, sparsity.m)
-        return w.numel() - int(torch.count_nonzero(w))
+        if K.max_key(w) >= inf_key(w.dtype):
+            raise NonFinite()
+        return K.prune_nm_(w, sparsity.n, sparsity.m, out)
+    hist = checked_histogram(w)
     t = threshold_from_counts(torch.from_numpy(hist), prune_count(w.numel(), sparsity.ratio), w.numel(),
                               lambda: [w], wide=w.dtype == torch.float32)
-    K.prune_below_(w, t.key, t.ties)
-    if w.dtype == torch.float32:  # bin 0 holds tiny fp32 values too, not only zeros
-        return w.numel() - int(torch.count_nonzero(w))
-    # 16-bit: bin 0 is exactly the zeros; the k pruned include them all unless k is smaller.
-    return max(t.k, int(hist[0]))
+    return K.prune_below_(w, t.key, t.ties, out)[1]
 
 
-def threshold_prune_(w: torch.Tensor, key: int, ties: int) -> tuple[int, int]:
-    """Prune in place what ``masks.threshold_keep(w, key, ties)`` prunes.
+def threshold_prune_(w: torch.Tensor, key: int, ties: int, out: torch.Tensor | None = None) -> tuple[int, int]:
+    """Prune what ``masks.threshold_keep(w, key, ties)`` prunes, into ``out`` (default: in place).
 
-    Returns (zeros ``w`` ends with, ties used)."""
-    if not K.supported(w):
+    Returns (zeros the result holds, ties used)."""
+    if not K.supported(w) or (out is not None and not K.supported(out)):
+        w = _into(w, out)
         _check_finite(w)
         keep, used = threshold_keep(w, key, ties)
         _apply(w, keep)
         return w.numel() - int(torch.count_nonzero(w)), used
-    checked_histogram(w)
-    used = K.prune_below_(w, key, ties)
-    return w.numel() - int(torch.count_nonzero(w)), used
+    if K.max_key(w) >= inf_key(w.dtype):
+        raise NonFinite()
+    used, zeros = K.prune_below_(w, key, ties, out)
+    return zeros, used
 
 
 def checked_histogram(w: torch.Tensor):
@@ -79,6 +81,14 @@ def checked_histogram(w: torch.Tensor):
 def _check_finite(w: torch.Tensor) -> None:
     if w.numel() and int(magnitude_key(w).max()) >= inf_key(w.dtype):
         raise NonFinite()
+
+
+def _into(w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The tensor the torch path prunes in place: ``w``, or ``out`` holding a copy of it."""
+    if out is None or out is w:
+        return w
+    out.copy_(w.reshape(out.shape))
+    return out
 
 
 def _apply(w: torch.Tensor, keep: torch.Tensor) -> None:

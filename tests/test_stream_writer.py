@@ -1,0 +1,96 @@
+"""The shard writer: its files are ordinary safetensors, whatever mix of memory and file ranges fed it."""
+
+import errno
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from llm_prune import stream
+from llm_prune.errors import UserError
+from llm_prune.stream import FileBytes, save_safetensors
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+          torch.uint8, torch.bool, torch.float64]
+
+
+def _sample():
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i, dt in enumerate(DTYPES):
+        x = torch.randn(3, 5 + i, generator=g) * 100
+        out[f"t.{i}"] = x > 0 if dt == torch.bool else x.to(dt)
+    out["empty"] = torch.empty(0, 4)
+    out["scalar"] = torch.tensor(2.5)
+    return out
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_round_trip_through_the_library(tmp_path):
+    tensors = _sample()
+    save_safetensors(tmp_path / "a.safetensors", tensors, {"format": "pt", "b": "2", "a": "1"})
+    _equal(load_file(tmp_path / "a.safetensors"), tensors)
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "a": "1", "b": "2"}
+
+
+def test_header_is_aligned_sorted_and_deterministic(tmp_path):
+    tensors = _sample()
+    save_safetensors(tmp_path / "a.safetensors", tensors, {"format": "pt", "z": "1", "a": "2"})
+    save_safetensors(tmp_path / "b.safetensors", dict(reversed(list(tensors.items()))), {"a": "2", "z": "1", "format": "pt"})
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    assert raw == (tmp_path / "b.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    assert list(header["__metadata__"]) == ["a", "format", "z"]
+    for name, spec in header.items():
+        if name != "__metadata__":  # every tensor starts at a multiple of its element size
+            assert spec["data_offsets"][0] % tensors[name].element_size() == 0, name
+
+
+def test_file_ranges_are_copied_and_mixed_with_memory(tmp_path):
+    src = _sample()
+    save_file(src, str(tmp_path / "src.safetensors"), metadata={"format": "pt"})
+    reader_offsets = {}
+    with open(tmp_path / "src.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    for name, spec in header.items():
+        if name != "__metadata__":
+            reader_offsets[name] = 8 + n + spec["data_offsets"][0]
+    mixed = {k: (FileBytes(tmp_path / "src.safetensors", reader_offsets[k], v.numel() * v.element_size(), v.dtype,
+                           tuple(v.shape)) if i % 2 else v) for i, (k, v) in enumerate(src.items())}
+    save_safetensors(tmp_path / "out.safetensors", mixed, {"format": "pt"})
+    _equal(load_file(tmp_path / "out.safetensors"), src)
+
+
+def test_copy_falls_back_to_read_and_write(tmp_path, monkeypatch):
+    src = {"w": torch.arange(1 << 16, dtype=torch.float32)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    with open(tmp_path / "src.safetensors", "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+
+    def cross_device(*a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(stream.os, "copy_file_range", cross_device)
+    save_safetensors(tmp_path / "out.safetensors", {"w": FileBytes(tmp_path / "src.safetensors", start, 1 << 18,
+                                                                   torch.float32, (1 << 16,))}, {})
+    _equal(load_file(tmp_path / "out.safetensors"), src)
+
+
+def test_truncated_source_is_a_user_error(tmp_path):
+    (tmp_path / "short.bin").write_bytes(b"\0" * 100)
+    with pytest.raises(UserError, match="truncated"):
+        save_safetensors(tmp_path / "out.safetensors", {"w": FileBytes(tmp_path / "short.bin", 0, 400, torch.float32,
+                                                                       (100,))}, {})
