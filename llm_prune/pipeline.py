@@ -4,8 +4,10 @@
     units  = reader.units(arch)             one per block, plus the non-block tensors
     (global scope) threshold = one pass     exact k-th magnitude over all targets
     for unit in units:                      the only place weights are in memory
-        tensors = reader.read(targets)      into a reused buffer; the rest is copied file to file
-        prune targets -> writer.write()     one shard per unit, recorded in progress.json
+        shard = writer.open(file, layout)   the output shard, allocated and mapped
+        prune source -> shard               each target from the source's pages into the shard's
+        copy the rest file to file          (compressed formats: prune, encode, write from a thread)
+        writer.commit(unit)                 recorded in progress.json
     writer.finish()                         index, side files, sparsity.json, atomic rename
 """
 
@@ -148,51 +150,73 @@ def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
 
 
 def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt) -> None:
-    """Prune unit by unit in place; unit i is written by a thread while unit i+1 is read and pruned.
+    """Prune unit by unit, in file order; tensors that are not pruned are copied file to file.
 
-    Two reused buffers (one unit each) alternate, so memory stays ~2 units whatever the model
-    size; reads, the kernels and the writes all release the GIL, so the pruning of one block
-    overlaps the write-back of the previous one (what bounds a 7B run once the page cache is full).
+    Dense output (the default): each target is read from the source file's pages and its pruned
+    weights written straight into the output file's pages (``ShardFile``), so the weights cross
+    memory once, with nothing between the two files but the kernels. Compressed formats prune
+    into a reused buffer (``Arena``), encode, and write from a thread while the next unit is pruned.
     """
-    n_units = len(units)
-    arenas = [Arena(), Arena()]  # reused: flat memory, no fresh page faults
-    ties_left = writer.state.get("ties_left", 0)  # carried here: the writer thread lags a unit behind
+    ties_left = writer.state.get("ties_left", 0)  # carried in unit order, into progress.json
+    arena, in_flight = Arena(), None
     bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
-    in_flight = None
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
         try:
             for pos, unit in enumerate(bar):
                 if writer.done(unit):
                     continue
-                arena = arenas[0]
-                arenas.reverse()  # the write in flight holds the other buffer
-                tensors = reader.read(unit.targets, arena)  # the rest is copied file to file
-                stats = {}
-                for name in unit.targets:
-                    w = tensors[name]
-                    try:
-                        if threshold is not None:
-                            zeros, used = threshold_prune_(w, threshold.key, ties_left)
-                            ties_left -= used
-                        else:
-                            zeros = method.prune_(w, cfg.sparsity, arch.weight_in_first)
-                    except NonFinite:
-                        raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
-                                        "the checkpoint is damaged") from None
-                    stats[name] = [w.numel(), zeros]
-                state = {**writer.state, "ties_left": ties_left} if threshold is not None else None
-                stored, meta = encode_all(tensors, {n: fmt for n in unit.targets})
-                stored.update(reader.sources([n for n in unit.names if n not in tensors]))
-                file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{n_units:05d}.safetensors"
+                file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{len(units):05d}.safetensors"
+                others = reader.sources([n for n in unit.names if n not in unit.targets])
+                if fmt == "dense" and not reader.pickle:
+                    specs = {n: (reader.infos[n].dtype, reader.infos[n].shape) for n in unit.names}
+                    with writer.open(file, specs) as shard:
+                        for name, src in others.items():
+                            shard.copy_from(name, src)
+                        stats, ties_left = _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left,
+                                                          shard.tensor)
+                    writer.commit(unit, file, {"stats": stats}, _state(writer, threshold, ties_left))
+                    continue
                 if in_flight is not None:
                     in_flight.result()  # one write at a time, in order: progress.json stays a prefix
-                in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats}, state, metadata=meta)
-                del tensors, stored
+                views = dict(zip(unit.targets, arena.carve([reader.infos[n].nbytes for n in unit.targets])))
+                out = lambda n: views[n].view(reader.infos[n].dtype).view(reader.infos[n].shape)  # noqa: E731
+                stats, ties_left = _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out)
+                stored, meta = encode_all({n: out(n) for n in unit.targets}, {n: fmt for n in unit.targets})
+                stored.update(others)
+                in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats},
+                                        _state(writer, threshold, ties_left), metadata=meta)
             if in_flight is not None:
                 in_flight.result()
         finally:
             if in_flight is not None:
                 wait([in_flight])  # never leave a write running into a directory being removed
+
+
+def _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out_of):
+    """Prune each target of ``unit`` from the source into ``out_of(name)``.
+
+    Returns ({name: [numel, zeros]}, the global threshold's ties still to prune)."""
+    stats = {}
+    pickled = reader.read(unit.targets) if reader.pickle else None
+    for name in unit.targets:  # in name order: the order a global threshold's ties are pruned in
+        src = pickled.pop(name) if pickled is not None else next(reader.read_mapped([name]))[1]
+        out = out_of(name)
+        try:
+            if threshold is not None:
+                zeros, used = threshold_prune_(src, threshold.key, ties_left, out=out)
+                ties_left -= used
+            else:
+                zeros = method.prune_(src, cfg.sparsity, arch.weight_in_first, out=out)
+        except NonFinite:
+            raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
+                            "the checkpoint is damaged") from None
+        stats[name] = [out.numel(), zeros]
+        del src, out  # unmaps the source tensor: memory stays one tensor of source pages
+    return stats, ties_left
+
+
+def _state(writer, threshold, ties_left) -> dict | None:
+    return {**writer.state, "ties_left": ties_left} if threshold is not None else None
 
 
 def _run_key(reader: CheckpointReader, cfg: PruneConfig, fmt: str, calib: CalibConfig | None) -> dict:

@@ -136,16 +136,15 @@ def test_not_enough_space_up_front(capsys, tiny_llama, tmp_path, monkeypatch):
 
 
 def test_disk_full_while_writing(capsys, tiny_llama, tmp_path, monkeypatch):
-    real, calls = stream.save_safetensors, []
+    real, calls = stream._allocate, []
 
-    def fill_up(path, tensors, metadata):
-        calls.append(path)
+    def fill_up(fd, size):  # the second shard finds the disk full
+        calls.append(size)
         if len(calls) == 2:
-            open(path, "wb").write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, tensors, metadata)
+        return real(fd, size)
 
-    monkeypatch.setattr(stream, "save_safetensors", fill_up)
+    monkeypatch.setattr(stream, "_allocate", fill_up)
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--out", tmp_path / "o")
     assert_clean_failure(code, err, tmp_path, "no space left on the device", keep=["tiny-llama"])
 

@@ -90,20 +90,20 @@ def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):
     cfg = PruneConfig(sparsity=Sparsity(0.5), scope="global")
     prune_checkpoint(tiny_llama, cfg, tmp_path / "full", progress=False)
 
-    real_write, calls = ShardWriter.write, []
+    real_commit, calls = ShardWriter.commit, []
 
-    def write_then_die(self, *a, **kw):
+    def commit_then_die(self, *a, **kw):  # every shard, however written, is committed
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(1)
-        return real_write(self, *a, **kw)
+        return real_commit(self, *a, **kw)
 
-    monkeypatch.setattr(ShardWriter, "write", write_then_die)
+    monkeypatch.setattr(ShardWriter, "commit", commit_then_die)
     with pytest.raises(KeyboardInterrupt):
         prune_checkpoint(tiny_llama, cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / ".out.partial" / "progress.json").is_file()
-    monkeypatch.setattr(ShardWriter, "write", real_write)
+    monkeypatch.setattr(ShardWriter, "commit", real_commit)
 
     report = prune_checkpoint(tiny_llama, cfg, tmp_path / "out", resume=True, progress=False)
     assert report["run"]["resumed_units"] == 2
