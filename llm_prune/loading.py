@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Iterator
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .config import DEFAULT_TARGETS, PruneConfig, Sparsity
 from .errors import UserError
-from .fingerprint import checkpoint_fingerprint, file_sha256
+from .fingerprint import checkpoint_fingerprint, file_sha256, known_sha256
 from .kernels import formats
 from .kernels import magnitude as K
 from .masks import find_threshold, magnitude_key, prune_count, threshold_keep
@@ -195,36 +196,38 @@ def from_pretrained(name_or_path: str | os.PathLike, method: str = "omp", sparsi
     select_targets(units, source.infos, arch, cfg)
     order = [n for u in units for n in u.targets]
     state = PruneState(cfg, arch.weight_in_first, source.infos[order[0]].dtype, order)
-    plan = _global_plan(source, order, cfg, progress) if cfg.scope == "global" else None
-    if plan is not None:
-        state.applied, state.tables = dict(plan[0]), plan[1]
+    plan: dict = {}  # global scope: (key, ties) per target, computed by the reading thread first
 
-    # Tensors read from safetensors are the loader's own fresh memory (see CheckpointReader.read_fresh); pickled
-    # ones may be mappings of the file, and are never written to.
-    inplace = not source.reader.pickle
+    def prepare() -> None:  # runs in the reading thread: the table pass overlaps the model build
+        if cfg.scope == "global":
+            thresholds, tables = _global_plan(source, order, cfg, progress, saver)
+            plan.update(thresholds)
+            state.applied, state.tables = dict(thresholds), tables
 
-    def prune(name: str, w: torch.Tensor) -> torch.Tensor:
-        if not inplace:
-            w = w.clone()  # pickled tensors may map the file: never write through them
+    def prune(name: str, src: torch.Tensor) -> torch.Tensor:
+        # Targets arrive mapped from the file; their pruned weights are written into fresh memory,
+        # the model's own: the weights cross memory once, and the file is never written.
+        out = torch.empty(src.shape, dtype=src.dtype)
         try:
-            if plan is not None:
-                threshold_prune_(w, *plan[0][name])
-            elif cfg.method == "omp" and not cfg.sparsity.is_nm and w.dtype != torch.float32 and K.supported(w):
+            if cfg.scope == "global":
+                threshold_prune_(src, *plan[name], out=out)
+            elif cfg.method == "omp" and not cfg.sparsity.is_nm and src.dtype != torch.float32 and K.supported(src):
                 # The layer-scope OMP threshold read off the tensor's key table: the same (key, ties)
                 # as masks.unstructured_keep, and the table lets set_sparsity raise it later.
-                table = table_of_histogram(checked_histogram(w), w.dtype, w.numel())
-                key, ties = _threshold(table, prune_count(w.numel(), cfg.sparsity.ratio))
+                table = table_of_histogram(checked_histogram(src), src.dtype, src.numel())
+                key, ties = _threshold(table, prune_count(src.numel(), cfg.sparsity.ratio))
                 state.tables[name], state.applied[name] = table, (key, ties)
-                K.prune_below_(w, key, ties)
+                K.prune_below_(src, key, ties, out)
             else:
-                pruner.prune_(w, cfg.sparsity, arch.weight_in_first)
+                pruner.prune_(src, cfg.sparsity, arch.weight_in_first, out=out)
         except NonFinite:
             raise UserError(f"{name} (in {source.reader.infos[source.recipe[name][1][0]].file}) has inf or nan "
                             "values: the checkpoint is damaged") from None
-        return w
+        return out
 
-    model, names = _materialize(source, dtype, device_map, max_memory, offload_folder,
-                                {n: prune for n in order}, progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-hash") as saver:  # waited for at the end
+        model, names = _materialize(source, dtype, device_map, max_memory, offload_folder,
+                                    {n: prune for n in order}, progress, prepare)
     state.order = [names[n] for n in order if n in names]
     state.applied = {names[n]: v for n, v in state.applied.items() if n in names}
     state.tables = {names[n]: v for n, v in state.tables.items() if n in names}
@@ -248,9 +251,10 @@ def _threshold(table: KeyTable, k: int) -> tuple[int, int]:
 
 
 # -- global scope: tables, threshold, ties ---------------------------------------------------------------
-def _global_plan(source: DenseSource, order: list[str], cfg: PruneConfig, progress: bool):
+def _global_plan(source: DenseSource, order: list[str], cfg: PruneConfig, progress: bool,
+                 saver: ThreadPoolExecutor | None = None):
     """Per target (key, ties to prune at that key), plus the key tables; nothing read when cached."""
-    tables = _cached_tables(source, order, progress)
+    tables = _cached_tables(source, order, progress, saver)
     k = int(round(cfg.sparsity.ratio * sum(source.infos[n].numel for n in order)))
     dtype = tables[order[0]].dtype
     if k == 0:
@@ -281,7 +285,8 @@ def _fp32_threshold(source, order, tables, k, progress) -> tuple[int, int, dict[
         return cached["key"], cached["ties"], cached["counts"]
     high, below = merge([tables[n] for n in order]).select(k)
     low_tables: dict[str, KeyTable] = {}
-    for name, w in tqdm(source.read(order), total=len(order), desc="fp32 threshold", disable=not progress, leave=False):
+    for name, w in tqdm(source.read(order, mapped=order), total=len(order), desc="fp32 threshold", disable=not progress,
+                        leave=False):
         key = magnitude_key(w).reshape(-1)
         low = (key[(key >> LOW_BITS) == high] & 0xFFFF).numpy()
         counts = np.bincount(low, minlength=1 << LOW_BITS)
@@ -297,16 +302,28 @@ def _fp32_threshold(source, order, tables, k, progress) -> tuple[int, int, dict[
     return result["key"], result["ties"], counts
 
 
-def _cached_tables(source: DenseSource, names: list[str], progress: bool) -> dict[str, KeyTable]:
-    """Key tables of ``names`` from the cache; the missing ones in one streaming pass, then cached."""
-    path = _tables_path(source)
-    tables = _read_tables(path)
+def _cached_tables(source: DenseSource, names: list[str], progress: bool,
+                   saver: ThreadPoolExecutor | None = None) -> dict[str, KeyTable]:
+    """Key tables of ``names`` from the cache; the missing ones in one streaming pass, then cached.
+
+    The cache is keyed by the files' content hashes. When they are not known yet (a first load)
+    there can be no cached tables to find, and nothing needs the hashes but the cache itself: with
+    a ``saver`` thread, the files are hashed there while the tables are computed, and the tables
+    are written once both are done, while the caller goes on (it waits for ``saver`` at its end)."""
+    known = all(known_sha256(source.reader.path / f) is not None for f in source.reader.files)
+    tables = _read_tables(_tables_path(source)) if known else {}
     missing = [n for n in names if n not in tables]
-    if missing:
-        bar = tqdm(source.read(missing), total=len(missing), desc="key tables (once)", disable=not progress, leave=False)
-        for name, w in bar:
-            tables[name] = key_table(w)
-        _write_tables(path, tables)
+    if not missing:
+        return {n: tables[n] for n in names}
+    hashed = saver.submit(_tables_path, source) if saver is not None else None
+    bar = tqdm(source.read(missing, mapped=missing), total=len(missing), desc="key tables (once)",
+               disable=not progress, leave=False)
+    for name, w in bar:
+        tables[name] = key_table(w)
+    if hashed is None:
+        _write_tables(_tables_path(source), tables)
+    else:
+        saver.submit(lambda: _write_tables(hashed.result(), tables))
     return {n: tables[n] for n in names}
 
 
@@ -358,25 +375,47 @@ def _write_json(path: Path, payload: dict) -> None:
 
 # -- building the model ---------------------------------------------------------------------------------
 def _materialize(source: DenseSource, dtype, device_map, max_memory, offload_folder,
-                 transforms: dict[str, Callable[[str, torch.Tensor], torch.Tensor]], progress):
+                 transforms: dict[str, Callable[[str, torch.Tensor], torch.Tensor]], progress,
+                 prepare: Callable[[], None] | None = None):
     """Empty model -> each tensor read, transformed (pruned), cast and placed -> ties -> dispatch.
 
     Reading and pruning run in a background thread from the start (``_Ahead``): they release
     the GIL, so they overlap with importing the model's transformers modules and building it
-    empty, which is most of what a plain transformers load costs.
+    empty, which is most of what a plain transformers load costs. ``prepare`` runs there first
+    (global scope's table pass). Transforms get tensors mapped from the file and return new ones.
     Returns the model and the map checkpoint name -> model parameter name."""
     dtype = _resolve_dtype(dtype, source.reader.config, source)
     # Tensors read ahead are held until the model exists. They are the model's own memory when
     # everything stays on the CPU and no cast shrinks them; otherwise read ahead only a little.
     shrinks = any(i.dtype.is_floating_point and i.dtype.itemsize > dtype.itemsize for i in source.infos.values())
     limit = None if device_map is None and not shrinks else 2
-    with _Ahead(_transformed(source, transforms), limit) as tensors:
-        return _build(source, dtype, device_map, max_memory, offload_folder, transforms, tensors, progress)
+    building = threading.Event()
+    building.set()
+    with _Ahead(_transformed(source, transforms, prepare, building), limit) as tensors:
+        return _build(source, dtype, device_map, max_memory, offload_folder, transforms,
+                      _first_taken(tensors, building.clear), progress)
 
 
-def _transformed(source: DenseSource, transforms) -> Iterator[tuple[str, torch.Tensor]]:
-    # What is not pruned is mapped, not read: untouched until used, as in transformers' own load.
-    for name, w in source.read(list(source.infos), mapped=source.infos.keys() - transforms.keys()):
+def _first_taken(items, callback):
+    """``items``, calling ``callback`` when the first one is asked for."""
+    callback()
+    yield from items
+
+
+def _transformed(source: DenseSource, transforms, prepare=None,
+                 building: threading.Event | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    # Everything is mapped, not read: what is not pruned stays untouched until used, as in
+    # transformers' own load; what is pruned is read once, by the kernel writing its new copy.
+    # While the main thread builds the model (``building``), the kernels here keep to one core:
+    # on a small machine, two-core kernels would slow the build more than they gain.
+    cores = 1 if building is not None and building.is_set() else None
+    K.set_threads(cores)
+    if prepare is not None:
+        prepare()
+    for name, w in source.read(list(source.infos), mapped=source.infos.keys()):
+        if cores and not building.is_set():
+            cores = None
+            K.set_threads(None)
         yield name, (transforms[name](name, w) if name in transforms else w)
 
 

@@ -1,6 +1,6 @@
 """Streaming OMP vs `cp` vs the naive in-memory way, on 7B-shaped checkpoints and the real SmolLM2.
 
-    python scripts/bench_stream.py --blocks 4 8 16 --work /tmp/llm-prune-bench
+    python scripts/bench_stream.py --blocks 4 8 16 --work /tmp/llm-prune-bench [--repeat 3]
 
 Builds a synthetic checkpoint with Llama-2-7B block shapes (random fp16, hidden 4096, MLP 11008,
 vocab 32000, ~2 GB shards so blocks straddle files as on the hub) for each block count, then times
@@ -122,7 +122,12 @@ def llm_prune_cmd(src, out, *args):
     return [sys.executable, "-m", "llm_prune", str(src), *args, "--out", str(out), "--quiet", "--overwrite"]
 
 
-def bench_synthetic(work: Path, blocks: list[int], naive: bool) -> list[dict]:
+def _median(runs: list[dict]) -> dict:
+    """The run of median wall time (its own peak RSS with it)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+
+
+def bench_synthetic(work: Path, blocks: list[int], naive: bool, repeat: int = 1) -> list[dict]:
     rows = []
     overhead = measure([sys.executable, "-c", "import llm_prune.pipeline, llm_prune.cli"])["peak_rss_mb"]
     for n in blocks:
@@ -132,11 +137,16 @@ def bench_synthetic(work: Path, blocks: list[int], naive: bool) -> list[dict]:
         subprocess.run(["cat", *map(str, src.glob("*.safetensors"))], stdout=subprocess.DEVNULL)  # warm cache
         row = {"blocks": n, "checkpoint_gb": round(size / 1e9, 2), "block_mb": round(BLOCK_BYTES / 2**20, 1),
                "import_overhead_rss_mb": overhead}
-        shutil.rmtree(work / "copy", ignore_errors=True)
-        row["cp"] = measure(["cp", "-r", str(src), str(work / "copy")])
-        shutil.rmtree(work / "copy", ignore_errors=True)
-        row["omp"] = measure(llm_prune_cmd(src, work / "out", "--method", "omp", "--sparsity", "0.5"))
-        shutil.rmtree(work / "out", ignore_errors=True)
+        cps, omps = [], []
+        for _ in range(repeat):  # interleaved, so both see the same machine; cp alone varies 2-4x
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            cps.append(measure(["cp", "-r", str(src), str(work / "copy")]))
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            omps.append(measure(llm_prune_cmd(src, work / "out", "--method", "omp", "--sparsity", "0.5")))
+            shutil.rmtree(work / "out", ignore_errors=True)
+        row["cp"], row["omp"] = _median(cps), _median(omps)
+        row["cp_runs_s"], row["omp_runs_s"] = [r["wall_s"] for r in cps], [r["wall_s"] for r in omps]
+        row["omp_over_cp_per_pair"] = [round(o["wall_s"] / c["wall_s"], 2) for c, o in zip(cps, omps)]
         if naive:
             row["naive"] = measure([sys.executable, "-c", NAIVE, str(src), str(work / "naive"), "0.5"])
             shutil.rmtree(work / "naive", ignore_errors=True)
@@ -168,6 +178,7 @@ def main():
     p.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--work", type=Path, default=Path("/tmp/llm-prune-bench"))
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="cp and llm-prune runs per size, interleaved (median reported)")
     p.add_argument("--json", type=Path, default=Path("bench-out/stream.json"))
     p.add_argument("--make", nargs=2, metavar=("DIR", "BLOCKS"), help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
@@ -176,7 +187,7 @@ def main():
         return
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "synthetic": bench_synthetic(args.work, args.blocks, not args.no_naive),
+              "synthetic": bench_synthetic(args.work, args.blocks, not args.no_naive, args.repeat),
               "smollm2": bench_smollm2(args.work)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

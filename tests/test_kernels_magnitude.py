@@ -143,3 +143,17 @@ def test_max_key(dtype):
     w.view(-1)[-1] = float("-inf")
     assert K.max_key(w) == int(magnitude_key(w).max())
     assert K.max_key(torch.empty(0, dtype=dtype)) == -1
+
+
+def test_thread_count_does_not_change_the_bits():
+    w = tied((3 * K.CHUNK // 64 + 5, 64), torch.bfloat16)
+    t = find_threshold(lambda: [w], w.numel() // 2)
+    results = []
+    for cores in (1, None):
+        K.set_threads(cores)
+        try:
+            got = w.clone()
+            results.append((K.key_histogram(w).tolist(), K.prune_below_(got, t.key, t.ties), bits(got)))
+        finally:
+            K.set_threads(None)
+    assert results[0][:2] == results[1][:2] and torch.equal(results[0][2], results[1][2])

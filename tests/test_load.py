@@ -199,6 +199,28 @@ def test_global_tables_cached_reused_and_invalidated(tmp_path, tiny_llama, monke
     assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 2
 
 
+def test_first_global_load_hashes_beside_the_table_pass(tmp_path, tiny_llama):
+    # No hash known yet: the tables are computed while the files are hashed, and cached under the
+    # hash once both are done; the next load finds them without any pass.
+    from llm_prune.fingerprint import known_sha256
+
+    shards = sorted(tiny_llama.glob("*.safetensors"))
+    assert all(known_sha256(f) is None for f in shards)
+    first = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)
+    assert all(known_sha256(f) is not None for f in shards)
+    assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 1
+    assert_bitwise(first, export_then_load(tiny_llama, tmp_path / "out", 0.5, None, "global"))
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(pattern="2:4"), dict(sparsity=0.5, scope="global")])
+def test_pruning_on_load_never_writes_the_source(tiny_llama, kw):
+    # Targets are read from private mappings of the shards and pruned into fresh memory.
+    before = {f: f.read_bytes() for f in sorted(tiny_llama.iterdir())}
+    model = from_pretrained(tiny_llama, progress=False, **kw)
+    assert any(int((p == 0).sum()) for p in model.parameters())
+    assert {f: f.read_bytes() for f in sorted(tiny_llama.iterdir())} == before
+
+
 # -- raising sparsity in memory -------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-tables", "fp32-in-memory"])
