@@ -156,16 +156,21 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
     weights written straight into the output file's pages (``ShardFile``), so the weights cross
     memory once, with nothing between the two files but the kernels. Compressed formats prune
     into a reused buffer (``Arena``), encode, and write from a thread while the next unit is pruned.
+    Units with nothing to prune (embeddings, head) are copied by the kernel from that thread from
+    the start, beside the kernels' start-up and the pruning.
     """
     ties_left = writer.state.get("ties_left", 0)  # carried in unit order, into progress.json
+    stem = "model" if fmt == "dense" else "sparse"
+    files = [f"{stem}-{pos + 1:05d}-of-{len(units):05d}.safetensors" for pos in range(len(units))]
+    todo = [(file, u) for file, u in zip(files, units) if not writer.done(u)]
+    copied = [(file, u) for file, u in todo if not u.targets and not reader.pickle]
     arena, in_flight = Arena(), None
-    bar = tqdm(units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not progress)
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
+        copies = [pool.submit(writer.write, u, file, reader.sources(u.names), {"stats": {}}) for file, u in copied]
         try:
-            for pos, unit in enumerate(bar):
-                if writer.done(unit):
-                    continue
-                file = f"{'model' if fmt == 'dense' else 'sparse'}-{pos + 1:05d}-of-{len(units):05d}.safetensors"
+            bar = tqdm([t for t in todo if t not in copied], desc=f"{cfg.method} {cfg.sparsity}", unit="block",
+                       disable=not progress)
+            for file, unit in bar:
                 others = reader.sources([n for n in unit.names if n not in unit.targets])
                 if fmt == "dense" and not reader.pickle:
                     specs = {n: (reader.infos[n].dtype, reader.infos[n].shape) for n in unit.names}
@@ -177,7 +182,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                     writer.commit(unit, file, {"stats": stats}, _state(writer, threshold, ties_left))
                     continue
                 if in_flight is not None:
-                    in_flight.result()  # one write at a time, in order: progress.json stays a prefix
+                    in_flight.result()  # one write at a time, in order
                 views = dict(zip(unit.targets, arena.carve([reader.infos[n].nbytes for n in unit.targets])))
                 out = lambda n: views[n].view(reader.infos[n].dtype).view(reader.infos[n].shape)  # noqa: E731
                 stats, ties_left = _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out)
@@ -185,11 +190,11 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                 stored.update(others)
                 in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats},
                                         _state(writer, threshold, ties_left), metadata=meta)
-            if in_flight is not None:
-                in_flight.result()
+            for f in copies + ([in_flight] if in_flight is not None else []):
+                f.result()
         finally:
-            if in_flight is not None:
-                wait([in_flight])  # never leave a write running into a directory being removed
+            # Never leave a write running into a directory being removed.
+            wait(copies + ([in_flight] if in_flight is not None else []))
 
 
 def _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out_of):

@@ -19,6 +19,7 @@ import mmap
 import os
 import shutil
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,7 +486,8 @@ class ShardWriter:
                                 "delete it to start over")
             self.progress = old
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.resumed = len(self.progress["units"])  # units a previous run already finished
+        self.resumed = len(self.progress["units"])
+        self._lock = threading.Lock()  # units a previous run already finished
 
     def done(self, unit: Unit) -> bool:
         """True when the unit's shard was finished, and is still there whole (same byte size)."""
@@ -515,10 +517,12 @@ class ShardWriter:
         os.replace(self._part(file), path)
         with safe_open(path, "pt") as f:  # names from the file itself: whatever wrote it
             names = sorted(f.keys())
-        self.progress["units"][unit.key] = {"file": file, "bytes": path.stat().st_size, "tensors": names, **record}
-        if state is not None:
-            self.progress["state"] = state
-        atomic_write_text(self.tmp / self.PROGRESS, json.dumps(self.progress))
+        with self._lock:  # units with nothing to prune are committed from the writer thread
+            self.progress["units"][unit.key] = {"file": file, "bytes": path.stat().st_size, "tensors": names,
+                                                **record}
+            if state is not None:
+                self.progress["state"] = state
+            atomic_write_text(self.tmp / self.PROGRESS, json.dumps(self.progress))
 
     def _part(self, file: str) -> Path:
         return self.tmp / (file + ".tmp")
