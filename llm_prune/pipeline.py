@@ -164,7 +164,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
     files = [f"{stem}-{pos + 1:05d}-of-{len(units):05d}.safetensors" for pos in range(len(units))]
     todo = [(file, u) for file, u in zip(files, units) if not writer.done(u)]
     copied = [(file, u) for file, u in todo if not u.targets and not reader.pickle]
-    arena, in_flight = Arena(), None
+    arenas, in_flight = [Arena(), Arena()], None  # alternate: a write in flight holds the other
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
         copies = [pool.submit(writer.write, u, file, reader.sources(u.names), {"stats": {}}) for file, u in copied]
         try:
@@ -181,11 +181,12 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                                                           shard.tensor)
                     writer.commit(unit, file, {"stats": stats}, _state(writer, threshold, ties_left))
                     continue
-                if in_flight is not None:
-                    in_flight.result()  # one write at a time, in order
-                views = dict(zip(unit.targets, arena.carve([reader.infos[n].nbytes for n in unit.targets])))
+                arenas.reverse()
+                views = dict(zip(unit.targets, arenas[0].carve([reader.infos[n].nbytes for n in unit.targets])))
                 out = lambda n: views[n].view(reader.infos[n].dtype).view(reader.infos[n].shape)  # noqa: E731
                 stats, ties_left = _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out)
+                if in_flight is not None:
+                    in_flight.result()  # one write at a time, in order
                 stored, meta = encode_all({n: out(n) for n in unit.targets}, {n: fmt for n in unit.targets})
                 stored.update(others)
                 in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats},

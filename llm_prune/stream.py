@@ -338,7 +338,7 @@ def save_safetensors(path: Path, tensors: dict[str, "torch.Tensor | FileBytes"],
             if isinstance(t, FileBytes):
                 shard.copy_from(name, t)
             elif t.numel():
-                shard.tensor(name).copy_(t)
+                shard.write(name, t)
 
 
 class ShardFile:
@@ -371,12 +371,12 @@ class ShardFile:
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format asks
         self.start = 8 + len(raw)
         self.map = None
+        self.size = self.start + end
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
             if end:
-                _allocate(self.fd, self.start + end)
-                self.map = mmap.mmap(self.fd, self.start + end)
+                _allocate(self.fd, self.size)
         except BaseException:
             os.close(self.fd)
             raise
@@ -387,7 +387,17 @@ class ShardFile:
         at, n = self.spans[name]
         if n == 0:
             return torch.empty(shape, dtype=dtype)
+        if self.map is None:
+            self.map = mmap.mmap(self.fd, self.size)
         return torch.frombuffer(self.map, dtype=torch.uint8, offset=self.start + at, count=n).view(dtype).view(shape)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """``name``'s bytes from a tensor in memory."""
+        at, n = self.spans[name]
+        if t.dtype != self.specs[name][0] or t.numel() * t.element_size() != n:
+            raise ValueError(f"{name}: a {t.dtype} tensor of {t.numel()} elements does not fit its {n} bytes")
+        if n:
+            _pwrite_all(self.fd, memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()), self.start + at)
 
     def copy_from(self, name: str, src: FileBytes) -> None:
         """``name``'s bytes from ``src``: in the kernel where the file systems allow, else read and written."""
