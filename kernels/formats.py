@@ -42,6 +42,7 @@ import json
 import math
 import sys
 
+import numba as nb
 import numpy as np
 import torch
 
@@ -205,17 +206,9 @@ def size_formula(shape, dtype: torch.dtype, sparsity: float, fmt: str) -> int:
 
 
 # -- shared machinery --------------------------------------------------------------------------
-# The packers run numpy on integer views (bit patterns only, never float arithmetic) over chunks
-# of rows of about _CHUNK elements: a chunk's temporaries stay in cache, which made the passes
-# 2-5x faster than whole-tensor torch ops on an 11008x4096 fp16 weight (bench_notes/formats.md).
-# The Python loop runs over chunks (tens per matrix), never over rows or columns.
-_CHUNK = 1 << 18
-
-
-def _row_chunks(rows: int, cols: int):
-    step = max(1, _CHUNK // max(cols, 1))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
-
+# The packers work on integer views (bit patterns only, never float arithmetic). packed24 both
+# ways and bitmask decoding are numba kernels, parallel over rows, one pass in and one out
+# (3-20x the numpy passes they replaced; BENCHMARKS.md, "Sparse formats").
 
 def _ints(t: torch.Tensor) -> np.ndarray:
     """The bit patterns of a CPU float tensor as a numpy integer array (no copy when contiguous)."""
@@ -228,17 +221,20 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 # -- bitmask ---------------------------------------------------------------------------------
 
 def _encode_bitmask(w: torch.Tensor):
+    # numpy over chunks of rows (their temporaries stay in cache): np.compress and np.packbits
+    # beat a numba loop here (the kept/pruned branch is a coin flip at 50%).
     a = _ints(w)
     rows, cols = a.shape
     mask = np.empty((rows, (cols + 7) // 8), np.uint8)
     counts = np.empty(rows, np.int64)
     parts = []
-    for r0, r1 in _row_chunks(rows, cols):
-        b = a[r0:r1]
+    step = max(1, (1 << 18) // max(cols, 1))
+    for r0 in range(0, rows, step):
+        b = a[r0:r0 + step]
         keep = b != 0
         parts.append(np.compress(keep.ravel(), b.ravel()))  # row-major order
-        mask[r0:r1] = np.packbits(keep, axis=1, bitorder="little")
-        counts[r0:r1] = np.count_nonzero(keep, axis=1)
+        mask[r0:r0 + step] = np.packbits(keep, axis=1, bitorder="little")
+        counts[r0:r0 + step] = np.count_nonzero(keep, axis=1)
     offsets = np.zeros(rows + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     values = np.concatenate(parts) if parts else np.empty(0, a.dtype)
@@ -250,16 +246,28 @@ def _decode_bitmask(name, values, mask, offsets, shape, dtype):
     if mask.dtype != torch.uint8 or tuple(mask.shape) != (rows, (cols + 7) // 8) or values.dtype != dtype \
             or values.dim() != 1 or tuple(offsets.shape) != (rows + 1,) or offsets.dtype != torch.int64:
         raise UserError(f"{name}: bitmask parts have shapes/dtypes that do not match its metadata (corrupt file)")
-    m, off, v = mask.cpu().contiguous().numpy(), offsets.cpu().numpy(), _ints(values)
+    m, off, v = mask.cpu().contiguous().numpy(), offsets.cpu().contiguous().numpy(), _ints(values)
     # Popcounts of whole bytes: set padding bits count too, so they are caught as corruption.
     counts = _POPCOUNT[m].sum(1) if rows else np.zeros(0, np.int64)
     if off[0] != 0 or off[-1] != v.size or not np.array_equal(np.diff(off), counts):
         raise UserError(f"{name}: bitmask, row offsets and values disagree (corrupt file)")
-    out = np.zeros((rows, cols), v.dtype)
-    for r0, r1 in _row_chunks(rows, cols):
-        keep = np.unpackbits(m[r0:r1], axis=1, count=cols, bitorder="little").view(np.bool_)
-        np.place(out[r0:r1], keep, v[off[r0]:off[r1]])
+    out = np.empty((rows, cols), v.dtype)
+    _bitmask_scatter(v, m, off, out)
     return torch.from_numpy(out).view(dtype)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _bitmask_scatter(values, mask, offsets, out):
+    rows, cols = out.shape
+    zero = out.dtype.type(0)
+    for r in nb.prange(rows):
+        k = offsets[r]
+        for c in range(cols):
+            if (mask[r, c >> 3] >> (c & 7)) & 1:
+                out[r, c] = values[k]
+                k += 1
+            else:
+                out[r, c] = zero
 
 
 # -- packed 2:4 ------------------------------------------------------------------------------
@@ -285,18 +293,11 @@ def _frozen(x) -> np.ndarray:
 
 
 def _tables():
-    """Lookup tables indexed by a group's 4-bit non-zero code (bit i = position i non-zero), or
-    by a stored nibble (lo | hi << 2). Built from ``_positions`` so there is one source of truth."""
+    """Lookup tables indexed by a group's 4-bit non-zero code (bit i = position i non-zero).
+    Built from ``_positions`` so there is one source of truth."""
     flags = ((torch.arange(16)[:, None] >> torch.arange(4)) & 1).bool()
     lo, hi = (p.long().numpy() for p in _positions(flags))
-    nib = np.arange(16)
-    return dict(
-        nibble=_frozen((lo | hi << 2).astype(np.uint8)), over=_frozen(flags.sum(1).numpy() > 2),
-        lo=_frozen(lo), hi=_frozen(hi),
-        lo16=_frozen((16 * lo).astype(np.uint64)), hi16=_frozen((16 * hi).astype(np.uint64)),
-        nib_bad=_frozen((nib & 3) >= (nib >> 2)), nib_lo=_frozen(nib & 3), nib_hi=_frozen(nib >> 2),
-        nib_lo16=_frozen((16 * (nib & 3)).astype(np.uint64)), nib_hi16=_frozen((16 * (nib >> 2)).astype(np.uint64)),
-    )
+    return dict(lo=_frozen(lo), hi=_frozen(hi), over=_frozen(flags.sum(1).numpy() > 2))
 
 
 _T = _tables()
@@ -305,30 +306,37 @@ _T = _tables()
 def _encode_packed24(name: str, w: torch.Tensor):
     a = _ints(w)
     rows, cols = a.shape
-    groups = cols // 4
-    wide = a.dtype == np.int32
-    values = np.empty((rows, 2 * groups) if wide else (rows, groups), np.int32 if wide else np.uint32)
-    nib = np.empty((rows, groups), np.uint8)
-    for r0, r1 in _row_chunks(rows, cols):
-        b = a[r0:r1]
-        flags = (b != 0).view(np.int32)  # one int32 per group; byte i = flag of position i (little-endian)
-        code = (flags | flags >> 7 | flags >> 14 | flags >> 21) & 0xF
-        over = _T["over"][code]
-        if over.any():
-            r, g = (int(i) for i in np.argwhere(over)[0])
-            raise UserError(f"{name} is not 2:4 sparse: row {r0 + r}, columns {4 * g}..{4 * g + 3} hold more than 2 "
-                            "non-zeros; prune with --pattern 2:4 or use --format bitmask")
-        nib[r0:r1] = _T["nibble"][code]
-        if wide:  # fp32: gather the two kept 32-bit lanes
-            pos = np.stack((_T["lo"][code], _T["hi"][code]), -1)
-            values[r0:r1] = np.take_along_axis(b.reshape(-1, groups, 4), pos, -1).reshape(-1, 2 * groups)
-        else:  # 16-bit: a group is one uint64; shift the two kept lanes out, pair them in a uint32
-            x = b.view(np.uint64)
-            values[r0:r1] = ((x >> _T["lo16"][code]) & 0xFFFF) | (((x >> _T["hi16"][code]) & 0xFFFF) << 16)
-    if groups % 2:
-        nib = np.pad(nib, ((0, 0), (0, 1)))
-    meta = nib[:, 0::2] | (nib[:, 1::2] << 4)
-    return torch.from_numpy(values).view(w.dtype).view(rows, cols // 2), torch.from_numpy(meta)
+    values = np.empty((rows, cols // 2), a.dtype)
+    meta = np.zeros((rows, (cols + 7) // 8), np.uint8)
+    bad = _pack24(a, values, meta, _T["lo"], _T["hi"], _T["over"])
+    r = int(np.flatnonzero(bad >= 0)[0]) if (bad >= 0).any() else -1
+    if r >= 0:
+        g = int(bad[r])
+        raise UserError(f"{name} is not 2:4 sparse: row {r}, columns {4 * g}..{4 * g + 3} hold more than 2 "
+                        "non-zeros; prune with --pattern 2:4 or use --format bitmask")
+    return torch.from_numpy(values).view(w.dtype), torch.from_numpy(meta)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _pack24(a, values, meta, lo_t, hi_t, over_t):
+    """Kept pair and metadata nibble (lo | hi << 2) of every group; per row, the first group with
+    more than two non-zeros (-1: none)."""
+    rows, cols = a.shape
+    bad = np.full(rows, -1, np.int64)
+    for r in nb.prange(rows):
+        for g in range(cols // 4):
+            c = 4 * g
+            code = np.int64(a[r, c] != 0) | (np.int64(a[r, c + 1] != 0) << 1) \
+                | (np.int64(a[r, c + 2] != 0) << 2) | (np.int64(a[r, c + 3] != 0) << 3)
+            if over_t[code]:
+                if bad[r] < 0:
+                    bad[r] = g
+                continue
+            lo, hi = lo_t[code], hi_t[code]
+            values[r, 2 * g] = a[r, c + lo]
+            values[r, 2 * g + 1] = a[r, c + hi]
+            meta[r, g >> 1] |= np.uint8(lo | (hi << 2)) << (4 * (g & 1))
+    return bad
 
 
 def _check_packed24_parts(name, values, meta, shape, dtype):
@@ -343,27 +351,34 @@ def _decode_packed24(name, values, meta, shape, dtype):
         return _decode_packed24_torch(name, values, meta, shape, dtype)
     _check_packed24_parts(name, values, meta, shape, dtype)
     rows, cols = shape
-    groups = cols // 4
-    m = meta.contiguous().numpy()
-    nib = np.empty((rows, 2 * m.shape[1]), np.uint8)
-    nib[:, 0::2], nib[:, 1::2] = m & 0xF, m >> 4
-    nib = nib[:, :groups]
-    if _T["nib_bad"][nib].any():
-        raise UserError(f"{name}: packed24 metadata has a group whose positions are not increasing (corrupt file)")
     v = _ints(values)
-    if v.dtype == np.int32:
-        out = np.zeros((rows, groups, 4), np.int32)
-        for r0, r1 in _row_chunks(rows, cols):
-            n = nib[r0:r1]
-            pos = np.stack((_T["nib_lo"][n], _T["nib_hi"][n]), -1)
-            np.put_along_axis(out[r0:r1], pos, v[r0:r1].reshape(-1, groups, 2), -1)
-        return torch.from_numpy(out.reshape(rows, cols)).view(dtype)
-    pairs = v.view(np.uint32)  # [rows, groups]: lo value in the low half
-    out = np.empty((rows, groups), np.uint64)
-    for r0, r1 in _row_chunks(rows, cols):
-        n, p = nib[r0:r1], pairs[r0:r1].astype(np.uint64)
-        out[r0:r1] = ((p & 0xFFFF) << _T["nib_lo16"][n]) | ((p >> 16) << _T["nib_hi16"][n])
-    return torch.from_numpy(out.view(np.int16).reshape(rows, cols)).view(dtype)
+    out = np.empty((rows, cols), v.dtype)
+    if not _unpack24(v, meta.contiguous().numpy(), out):
+        raise UserError(f"{name}: packed24 metadata has a group whose positions are not increasing (corrupt file)")
+    return torch.from_numpy(out).view(dtype)
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def _unpack24(values, meta, out):
+    """Scatter every kept pair to its positions, zeros elsewhere; False if a nibble has lo >= hi."""
+    rows, cols = out.shape
+    ok = np.ones(rows, np.bool_)
+    zero = out.dtype.type(0)
+    for r in nb.prange(rows):
+        for g in range(cols // 4):
+            nib = (meta[r, g >> 1] >> (4 * (g & 1))) & 0xF
+            lo, hi = nib & 3, nib >> 2
+            c = 4 * g
+            out[r, c] = zero
+            out[r, c + 1] = zero
+            out[r, c + 2] = zero
+            out[r, c + 3] = zero
+            if lo >= hi:
+                ok[r] = False
+                continue
+            out[r, c + lo] = values[r, 2 * g]
+            out[r, c + hi] = values[r, 2 * g + 1]
+    return ok.all()
 
 
 def _decode_packed24_torch(name, values, meta, shape, dtype):

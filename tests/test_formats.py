@@ -257,12 +257,16 @@ def test_numpy_and_torch_packed24_decoders_agree(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["bitmask", "packed24"])
-def test_many_uneven_row_chunks(monkeypatch, dtype, fmt):
-    monkeypatch.setattr(F, "_CHUNK", 3 * 24)  # 3 rows per chunk of 24 columns; 11 rows -> 3+3+3+2
-    w = pruned_24(11, 24, dtype, seed=5)
+def test_odd_shapes_and_the_first_bad_group_reported(dtype, fmt):
+    # 20 columns: an odd number of groups (the last metadata byte half empty) and a mask row that
+    # ends mid-byte; rows are packed in parallel, so the error must still name the first bad group.
+    w = pruned_24(11, 20, dtype, seed=5)
     w[4] = 0
     assert_bits_equal(roundtrip(w, fmt), w)
     if fmt == "packed24":
-        w[7, 8:11] = 1  # row 7 lives in the third chunk: the reported row must be global
+        assert int(F.encode("w", w, fmt)[0]["w.meta"][:, -1].max()) < 16  # no nibble past the last group
+        w[9, 12:15] = 1
+        w[7, 16:19] = 1
+        w[7, 8:11] = 1
         with pytest.raises(UserError, match=r"row 7, columns 8\.\.11"):
             F.encode("w", w, fmt)
