@@ -431,6 +431,8 @@ def _itemsize(dtype: torch.dtype) -> int:
 def _allocate(fd: int, size: int) -> None:
     """Reserve the file's blocks now: a full disk fails here, cleanly, not as a fault mid-write."""
     try:
+        if not hasattr(os, "posix_fallocate"):  # macOS
+            raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
@@ -450,6 +452,8 @@ def _copy_range(src: FileBytes, fd: int, at: int) -> None:
     with open(src.path, "rb", buffering=0) as g:
         done = 0
         try:
+            if not hasattr(os, "copy_file_range"):  # not Linux
+                raise OSError(errno.ENOSYS, "no copy_file_range")
             while done < src.nbytes:
                 k = os.copy_file_range(g.fileno(), fd, src.nbytes - done, src.offset + done, at + done)
                 if k == 0:

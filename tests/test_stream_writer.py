@@ -94,3 +94,19 @@ def test_truncated_source_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="truncated"):
         save_safetensors(tmp_path / "out.safetensors", {"w": FileBytes(tmp_path / "short.bin", 0, 400, torch.float32,
                                                                        (100,))}, {})
+
+
+def test_without_kernel_copy_and_allocation(tmp_path, monkeypatch):
+    # Platforms without copy_file_range / posix_fallocate (macOS) take the plain paths.
+    src = _sample()
+    save_file(src, str(tmp_path / "src.safetensors"))
+    with open(tmp_path / "src.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    ranges = {k: FileBytes(tmp_path / "src.safetensors", 8 + n + v["data_offsets"][0],
+                           v["data_offsets"][1] - v["data_offsets"][0], src[k].dtype, tuple(src[k].shape))
+              for k, v in header.items() if k != "__metadata__"}
+    monkeypatch.delattr(stream.os, "copy_file_range")
+    monkeypatch.delattr(stream.os, "posix_fallocate")
+    save_safetensors(tmp_path / "out.safetensors", ranges, {"format": "pt"})
+    _equal(load_file(tmp_path / "out.safetensors"), src)
