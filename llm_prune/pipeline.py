@@ -32,7 +32,7 @@ from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
 from .masks import Threshold, find_threshold, key_to_value
 from .methods import get_method
-from .methods.magnitude import NonFinite, threshold_prune_
+from .methods.magnitude import NonFinite, layer_plan, threshold_plan, threshold_prune_
 from .kernels.formats import check_encodable, encode_all
 from .sequential import prune_sequential, saved_inputs_bytes
 from .stream import SAFE_INDEX, SPARSE_INDEX, Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
@@ -171,6 +171,9 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
             bar = tqdm([t for t in todo if t not in copied], desc=f"{cfg.method} {cfg.sparsity}", unit="block",
                        disable=not progress)
             for file, unit in bar:
+                for f in copies:  # a copy that failed (a full disk) stops the run now, not at the end
+                    if f.done() and f.exception() is not None:
+                        f.result()
                 others = reader.sources([n for n in unit.names if n not in unit.targets])
                 if fmt == "dense" and not reader.pickle:
                     specs = {n: (reader.infos[n].dtype, reader.infos[n].shape) for n in unit.names}
@@ -178,7 +181,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                         for name, src in others.items():
                             shard.copy_from(name, src)
                         stats, ties_left = _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left,
-                                                          shard.tensor)
+                                                          shard=shard)
                     writer.commit(unit, file, {"stats": stats}, _state(writer, threshold, ties_left))
                     continue
                 arenas.reverse()
@@ -198,27 +201,56 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
             wait(copies + ([in_flight] if in_flight is not None else []))
 
 
-def _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out_of):
-    """Prune each target of ``unit`` from the source into ``out_of(name)``.
+PIECE_BYTES = 4 << 20  # the exporter prunes this much at a time into a buffer that stays in cache
 
-    Returns ({name: [numel, zeros]}, the global threshold's ties still to prune)."""
-    stats = {}
+
+def _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out_of=None, shard=None):
+    """Prune each target of ``unit`` from the source, into ``out_of(name)`` or into ``shard``.
+
+    Into a shard, the kernels prune a few MiB at a time into one small buffer that is written
+    with ``pwrite``: cheaper than faulting in the output's pages one 4 KiB page at a time (8
+    blocks: 6.2 vs 6.6-7.9 s, 16 blocks: 12.5-13.4 vs 13.8-15.3 s side by side), and the output
+    never occupies memory. Returns ({name: [numel, zeros]}, the global threshold's ties left)."""
+    stats, buf = {}, None
     pickled = reader.read(unit.targets) if reader.pickle else None
     for name in unit.targets:  # in name order: the order a global threshold's ties are pruned in
         src = pickled.pop(name) if pickled is not None else next(reader.read_mapped([name]))[1]
-        out = out_of(name)
         try:
-            if threshold is not None:
-                zeros, used = threshold_prune_(src, threshold.key, ties_left, out=out)
-                ties_left -= used
+            plan = (threshold_plan(src, threshold.key, ties_left) if threshold is not None
+                    else layer_plan(src, cfg.sparsity, arch.weight_in_first) if method.name == "omp" else None)
+            if shard is not None and plan is not None:
+                if buf is None or buf.dtype != src.dtype:
+                    buf = torch.empty(PIECE_BYTES // src.element_size(), dtype=src.dtype)
+                zeros = _prune_in_pieces(plan, src, buf, lambda at, piece: shard.write(name, piece, at))
             else:
-                zeros = method.prune_(src, cfg.sparsity, arch.weight_in_first, out=out)
+                out = shard.tensor(name) if shard is not None else out_of(name)
+                if plan is not None:
+                    zeros = plan.apply(src, out)
+                elif threshold is not None:
+                    zeros, used = threshold_prune_(src, threshold.key, ties_left, out=out)
+                else:
+                    zeros = method.prune_(src, cfg.sparsity, arch.weight_in_first, out=out)
+                del out
         except NonFinite:
             raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
                             "the checkpoint is damaged") from None
-        stats[name] = [out.numel(), zeros]
-        del src, out  # unmaps the source tensor: memory stays one tensor of source pages
+        if threshold is not None:
+            ties_left -= plan.used if plan is not None else used
+        stats[name] = [src.numel(), zeros]
+        del src  # unmaps the source tensor: memory stays one tensor of source pages
     return stats, ties_left
+
+
+def _prune_in_pieces(plan, src: torch.Tensor, buf: torch.Tensor, write) -> int:
+    """Apply ``plan`` to ``src`` piece by piece through ``buf``; ``write(byte offset, piece)``."""
+    flat, zeros = src.reshape(-1), 0
+    step = max(plan.align, buf.numel() // plan.align * plan.align)
+    for at in range(0, flat.numel(), step):
+        piece = flat[at:at + step]
+        out = buf[:piece.numel()]
+        zeros += plan.apply(piece, out)
+        write(at * src.element_size(), out)
+    return zeros
 
 
 def _state(writer, threshold, ties_left) -> dict | None:

@@ -391,13 +391,15 @@ class ShardFile:
             self.map = mmap.mmap(self.fd, self.size)
         return torch.frombuffer(self.map, dtype=torch.uint8, offset=self.start + at, count=n).view(dtype).view(shape)
 
-    def write(self, name: str, t: torch.Tensor) -> None:
-        """``name``'s bytes from a tensor in memory."""
+    def write(self, name: str, t: torch.Tensor, offset: int = 0) -> None:
+        """``name``'s bytes from a tensor in memory: all of them, or a piece at byte ``offset``."""
         at, n = self.spans[name]
-        if t.dtype != self.specs[name][0] or t.numel() * t.element_size() != n:
-            raise ValueError(f"{name}: a {t.dtype} tensor of {t.numel()} elements does not fit its {n} bytes")
-        if n:
-            _pwrite_all(self.fd, memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()), self.start + at)
+        size = t.numel() * t.element_size()
+        if t.dtype != self.specs[name][0] or not 0 <= offset <= n - size:
+            raise ValueError(f"{name}: {size} bytes of {t.dtype} at byte {offset} do not fit its {n} bytes")
+        if size:
+            _pwrite_all(self.fd, memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()),
+                        self.start + at + offset)
 
     def copy_from(self, name: str, src: FileBytes) -> None:
         """``name``'s bytes from ``src``: in the kernel where the file systems allow, else read and written."""
@@ -543,13 +545,13 @@ class ShardWriter:
 
     @contextmanager
     def _disk_errors(self, file: str):
-        """A full disk ends the run with one line and nothing kept; the half-written shard goes."""
+        """A full disk is one line (the caller then ``abort``s, once every write has stopped);
+        the half-written shard goes."""
         try:
             yield
         except OSError as e:
             self._part(file).unlink(missing_ok=True)
             if e.errno == errno.ENOSPC:
-                self.abort()
                 raise UserError(f"no space left on the device while writing {self.out}; "
                                 "nothing was kept, free some space and run again") from None
             raise
