@@ -4,8 +4,8 @@
     units  = reader.units(arch)             one per block, plus the non-block tensors
     (global scope) threshold = one pass     exact k-th magnitude over all targets
     for unit in units:                      the only place weights are in memory
-        shard = writer.open(file, layout)   the output shard, allocated and mapped
-        prune source -> shard               each target from the source's pages into the shard's
+        shard = writer.open(file, layout)   the output shard, laid out and allocated
+        prune source -> shard               each target from the source's pages, in small pieces
         copy the rest file to file          (compressed formats: prune, encode, write from a thread)
         writer.commit(unit)                 recorded in progress.json
     writer.finish()                         index, side files, sparsity.json, atomic rename
@@ -152,9 +152,9 @@ def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
 def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, fmt) -> None:
     """Prune unit by unit, in file order; tensors that are not pruned are copied file to file.
 
-    Dense output (the default): each target is read from the source file's pages and its pruned
-    weights written straight into the output file's pages (``ShardFile``), so the weights cross
-    memory once, with nothing between the two files but the kernels. Compressed formats prune
+    Dense output (the default): each target is read from the source file's pages and pruned a
+    few MiB at a time into a small buffer written to its place in the output shard
+    (``ShardFile``), so the weights cross memory once and no block is ever held. Compressed formats prune
     into a reused buffer (``Arena``), encode, and write from a thread while the next unit is pruned.
     Units with nothing to prune (embeddings, head) are copied by the kernel from that thread from
     the start, beside the kernels' start-up and the pruning.

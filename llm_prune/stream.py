@@ -345,10 +345,11 @@ class ShardFile:
     """A safetensors file laid out from its tensors' dtypes and shapes, then filled in place.
 
     The format (8-byte header length, JSON header, the tensors' bytes back to back) is simple
-    enough to write directly, and doing so lets the pruner write each pruned tensor straight into
-    the file's pages: the file is allocated on disk up front (no space left is an error here,
-    never a crash halfway) and mapped, tensors are views into it, and tensors that are not pruned
-    are copied file to file by the kernel (``copy_file_range``). ``safetensors.torch.save_file``
+    enough to write directly, and doing so lets the pruner write each tensor in pieces, at their
+    offsets, as it prunes them: the file is allocated on disk up front (no space left is an error
+    here, never a crash halfway), tensors or pieces of them are written with ``pwrite`` (or into
+    a mapping, ``tensor``), and tensors that are not pruned are copied file to file by the
+    kernel (``copy_file_range``). ``safetensors.torch.save_file``
     instead copies every tensor into fresh bytes before writing them, which cost 3x the write on
     a 7B block here. Tensors are laid out by element size, largest first, then by name, as the
     library does, so each stays aligned to its element size; metadata keys are sorted, so
