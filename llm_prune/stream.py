@@ -373,7 +373,7 @@ class ShardFile:
         self.start = 8 + len(raw)
         self.map = None
         self.size = self.start + end
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
         try:
             _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
             if end:
@@ -446,7 +446,11 @@ def _allocate(fd: int, size: int) -> None:
 def _pwrite_all(fd: int, data, at: int) -> None:
     view = memoryview(data)
     while len(view):  # one write moves at most ~2 GiB on Linux
-        k = os.pwrite(fd, view, at)
+        if hasattr(os, "pwrite"):
+            k = os.pwrite(fd, view, at)
+        else:  # Windows: each ShardFile has its own descriptor, written by one thread
+            os.lseek(fd, at, os.SEEK_SET)
+            k = os.write(fd, view)
         view, at = view[k:], at + k
 
 
@@ -466,8 +470,9 @@ def _copy_range(src: FileBytes, fd: int, at: int) -> None:
         except OSError as e:  # not across these file systems (EXDEV), or no kernel support
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
+        g.seek(src.offset + done)
         while done < src.nbytes:
-            chunk = os.pread(g.fileno(), min(64 << 20, src.nbytes - done), src.offset + done)
+            chunk = g.read(min(64 << 20, src.nbytes - done))
             if not chunk:
                 raise UserError(f"{src.path} ended early: the file is truncated")
             _pwrite_all(fd, chunk, at + done)

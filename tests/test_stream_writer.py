@@ -97,7 +97,7 @@ def test_truncated_source_is_a_user_error(tmp_path):
 
 
 def test_without_kernel_copy_and_allocation(tmp_path, monkeypatch):
-    # Platforms without copy_file_range / posix_fallocate (macOS) take the plain paths.
+    # Platforms without copy_file_range / posix_fallocate (macOS) or pwrite (Windows) take the plain paths.
     src = _sample()
     save_file(src, str(tmp_path / "src.safetensors"))
     with open(tmp_path / "src.safetensors", "rb") as f:
@@ -108,5 +108,6 @@ def test_without_kernel_copy_and_allocation(tmp_path, monkeypatch):
               for k, v in header.items() if k != "__metadata__"}
     monkeypatch.delattr(stream.os, "copy_file_range")
     monkeypatch.delattr(stream.os, "posix_fallocate")
+    monkeypatch.delattr(stream.os, "pwrite")
     save_safetensors(tmp_path / "out.safetensors", ranges, {"format": "pt"})
     _equal(load_file(tmp_path / "out.safetensors"), src)
