@@ -208,9 +208,9 @@ def _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out_of
     """Prune each target of ``unit`` from the source, into ``out_of(name)`` or into ``shard``.
 
     Into a shard, the kernels prune a few MiB at a time into one small buffer that is written
-    with ``pwrite``: cheaper than faulting in the output's pages one 4 KiB page at a time (8
-    blocks: 6.2 vs 6.6-7.9 s, 16 blocks: 12.5-13.4 vs 13.8-15.3 s side by side), and the output
-    never occupies memory. Returns ({name: [numel, zeros]}, the global threshold's ties left)."""
+    with ``pwrite``: less system time than faulting in a mapping of the output one 4 KiB page at
+    a time, the same wall time (BENCHMARKS.md, streaming run 6), and the output never occupies
+    memory. Returns ({name: [numel, zeros]}, the global threshold's ties left)."""
     stats, buf = {}, None
     pickled = reader.read(unit.targets) if reader.pickle else None
     for name in unit.targets:  # in name order: the order a global threshold's ties are pruned in
