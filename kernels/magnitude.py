@@ -17,9 +17,10 @@ on all cores (numba, parallel over one part per thread or over chunks of ``CHUNK
   weights, earlier weight first on ties: ``masks.nm_keep`` exactly.
 * ``max_key(w)``: the largest key, a vectorised read (finiteness checks that need no histogram).
 
-The prune kernels write into ``w`` itself or into ``out``: the exporter reads a tensor from the
-source file's pages and writes the pruned weights straight into the output file's pages, so the
-weights cross memory once. They return the zeros they wrote, so no caller counts them again.
+The prune kernels write into ``w`` itself or into ``out``: the exporter and the loader read a
+tensor from a mapping of the source file and write the pruned weights into a buffer or the
+model's memory, so the weights cross memory once. They return the zeros they wrote, so no
+caller counts them again.
 Pruned weights become +0 (all bits clear), as everywhere in llm-prune. Compiled on first use and
 cached on disk by numba (``cache=True``), so only the first run after installing pays ~seconds.
 Tests check every kernel bit for bit against the torch reference in ``llm_prune.masks``.

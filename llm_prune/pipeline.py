@@ -182,7 +182,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
                             shard.copy_from(name, src)
                         stats, ties_left = _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left,
                                                           shard=shard)
-                    writer.commit(unit, file, {"stats": stats}, _state(writer, threshold, ties_left))
+                    writer.commit(unit, file, list(specs), {"stats": stats}, _state(writer, threshold, ties_left))
                     continue
                 arenas.reverse()
                 views = dict(zip(unit.targets, arenas[0].carve([reader.infos[n].nbytes for n in unit.targets])))

@@ -64,7 +64,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -361,10 +361,10 @@ class ShardFile:
         self.spans: dict[str, tuple[int, int]] = {}
         self.specs = specs
         end = 0
-        for name, (dtype, shape) in sorted(specs.items(), key=lambda kv: (-_itemsize(kv[1][0]), kv[0])):
+        for name, (dtype, shape) in sorted(specs.items(), key=lambda kv: (-kv[1][0].itemsize, kv[0])):
             if dtype not in _DTYPE_NAMES:
                 raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
-            n = _itemsize(dtype) * math.prod(shape)
+            n = dtype.itemsize * math.prod(shape)
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [end, end + n]}
             self.spans[name] = (end, n)
             end += n
@@ -425,10 +425,6 @@ class ShardFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -508,8 +504,8 @@ class ShardWriter:
                                 "delete it to start over")
             self.progress = old
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.resumed = len(self.progress["units"])
-        self._lock = threading.Lock()  # units a previous run already finished
+        self.resumed = len(self.progress["units"])  # units a previous run already finished
+        self._lock = threading.Lock()
 
     def done(self, unit: Unit) -> bool:
         """True when the unit's shard was finished, and is still there whole (same byte size)."""
@@ -525,7 +521,7 @@ class ShardWriter:
         """Write ``unit``'s shard from tensors in memory or byte ranges of the source, and record it."""
         with self._disk_errors(file):
             save_safetensors(self._part(file), tensors, metadata or {"format": "pt"})
-        self.commit(unit, file, record, state)
+        self.commit(unit, file, sorted(tensors), record, state)
 
     def open(self, file: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
              metadata: dict[str, str] | None = None) -> ShardFile:
@@ -533,14 +529,12 @@ class ShardWriter:
         with self._disk_errors(file):
             return ShardFile(self._part(file), specs, metadata or {"format": "pt"})
 
-    def commit(self, unit: Unit, file: str, record: dict, state: dict | None = None) -> None:
-        """Publish a finished shard in the partial directory and record it in progress.json."""
+    def commit(self, unit: Unit, file: str, names: list[str], record: dict, state: dict | None = None) -> None:
+        """Publish a finished shard (holding ``names``) in the partial directory and record it in progress.json."""
         path = self.tmp / file
         os.replace(self._part(file), path)
-        with safe_open(path, "pt") as f:  # names from the file itself: whatever wrote it
-            names = sorted(f.keys())
         with self._lock:  # units with nothing to prune are committed from the writer thread
-            self.progress["units"][unit.key] = {"file": file, "bytes": path.stat().st_size, "tensors": names,
+            self.progress["units"][unit.key] = {"file": file, "bytes": path.stat().st_size, "tensors": sorted(names),
                                                 **record}
             if state is not None:
                 self.progress["state"] = state
