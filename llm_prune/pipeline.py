@@ -7,7 +7,7 @@
         shard = writer.open(file, layout)   the output shard, laid out and allocated
         prune source -> shard               each target from the source's pages, in small pieces
         copy the rest file to file          (compressed formats: prune, encode, write from a thread)
-        writer.commit(unit)                 recorded in progress.json
+        writer.commit(unit)                 logged in progress.jsonl
     writer.finish()                         index, side files, sparsity.json, atomic rename
 """
 
@@ -134,7 +134,7 @@ def _matches(rel: str, full: str, patterns) -> bool:
 
 
 def _global_threshold(reader, units, cfg, writer, progress) -> Threshold:
-    """One exact magnitude threshold over every target, kept in progress.json for --resume."""
+    """One exact magnitude threshold over every target, kept in progress.jsonl for --resume."""
     if "threshold" in writer.state:
         return Threshold(**writer.state["threshold"])
     targets = [u for u in units if u.targets]
@@ -159,7 +159,7 @@ def _prune_units(reader, units, cfg, arch, method, writer, threshold, progress, 
     Units with nothing to prune (embeddings, head) are copied by the kernel from that thread from
     the start, beside the kernels' start-up and the pruning.
     """
-    ties_left = writer.state.get("ties_left", 0)  # carried in unit order, into progress.json
+    ties_left = writer.state.get("ties_left", 0)  # carried in unit order, into progress.jsonl
     stem = "model" if fmt == "dense" else "sparse"
     files = [f"{stem}-{pos + 1:05d}-of-{len(units):05d}.safetensors" for pos in range(len(units))]
     todo = [(file, u) for file, u in zip(files, units) if not writer.done(u)]

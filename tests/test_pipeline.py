@@ -117,7 +117,7 @@ def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prune_checkpoint(tiny_llama, cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    assert (tmp_path / ".out.partial" / "progress.json").is_file()
+    assert (tmp_path / ".out.partial" / "progress.jsonl").is_file()
     monkeypatch.setattr(ShardWriter, "commit", real_commit)
 
     report = prune_checkpoint(tiny_llama, cfg, tmp_path / "out", resume=True, progress=False)

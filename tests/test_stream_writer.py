@@ -111,3 +111,31 @@ def test_without_kernel_copy_and_allocation(tmp_path, monkeypatch):
     monkeypatch.delattr(stream.os, "pwrite")
     save_safetensors(tmp_path / "out.safetensors", ranges, {"format": "pt"})
     _equal(load_file(tmp_path / "out.safetensors"), src)
+
+
+def test_progress_log_survives_a_torn_line(tmp_path):
+    # A kill mid-append leaves a partial last line: resume keeps the whole lines before it,
+    # drops the torn one (that unit is redone) and appends after the good prefix.
+    from llm_prune.stream import ShardWriter, Unit
+
+    key = {"config": 1}
+    w = ShardWriter(tmp_path / "o", key)
+    for i in range(2):
+        w.commit(Unit(f"block.{i}", i, ["t"]), _touch(w, f"s{i}"), ["t"], {"stats": {"t": [4, i]}}, {"ties_left": i})
+    log = w.tmp / ShardWriter.PROGRESS
+    whole = log.read_bytes()
+    log.write_bytes(whole + b'{"unit": "block.2", "fi')
+    r = ShardWriter(tmp_path / "o", key, resume=True)
+    assert sorted(r.records()) == ["block.0", "block.1"] and r.state == {"ties_left": 1} and r.resumed == 2
+    assert r.records()["block.1"]["stats"] == {"t": [4, 1]}
+    assert log.read_bytes() == whole
+    r.commit(Unit("block.2", 2, ["t"]), _touch(r, "s2"), ["t"], {"stats": {}})
+    again = ShardWriter(tmp_path / "o", key, resume=True)
+    assert sorted(again.records()) == ["block.0", "block.1", "block.2"] and again.state == {"ties_left": 1}
+    with pytest.raises(UserError, match="other settings"):
+        ShardWriter(tmp_path / "o", {"config": 2}, resume=True)
+
+
+def _touch(writer, name: str) -> str:
+    (writer.tmp / f"{name}.tmp").write_bytes(b"x")
+    return name
