@@ -483,7 +483,7 @@ class ShardWriter:
     state), appended once the unit's shard is in place, so a killed run loses at most the unit in
     flight. A log is appended to, never renamed over: on ext4 a rename over an existing file
     waits for the data written before it (auto_da_alloc): a progress.json renamed over per unit
-    cost 0.9-3.4 s of a 16-block 7B-shaped run, the log 0.02 s (BENCHMARKS.md, streaming run 7).
+    cost 2.0-2.6 s of a 16-block 7B-shaped run, the log 0.01-0.05 s (BENCHMARKS.md, streaming run 7).
     """
 
     PROGRESS = "progress.jsonl"
