@@ -66,8 +66,11 @@ def key_histogram(w: torch.Tensor) -> np.ndarray:
         return np.zeros(BINS, dtype=np.int64)
     # int32 counters keep each thread's table at 512 KiB (its L2); a part must not overflow them.
     parts = max(nb.get_num_threads(), -(-x.size // (1 << 31)))
+    # Unsigned keys index the table without numba's fix-up for negative indices: 1.2x faster
+    # for 16-bit weights, 1.6x for fp32 (scripts/bench_histogram.py).
+    u = x.view(np.uint16 if x.itemsize == 2 else np.uint32)
     with _LOCK:
-        return _histogram(x, _clear(x), _VIEW[w.dtype][1], parts)
+        return _histogram(u, _clear(u), _VIEW[w.dtype][1], parts)
 
 
 def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
