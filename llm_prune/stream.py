@@ -503,7 +503,10 @@ class ShardWriter:
                 raise UserError(f"an unfinished run left {self.tmp}; pass --resume to continue it "
                                 f"or delete that directory to start over")
             old, good = _read_log(log)
-            if old is None or old["run"] != run_key:
+            if old is None:
+                raise UserError(f"{self.tmp} has no readable {self.PROGRESS} (left by another tool or an "
+                                "older llm-prune?); delete it to start over")
+            if old["run"] != run_key:
                 raise UserError(f"{self.tmp} belongs to a run with other settings or another checkpoint; "
                                 "delete it to start over")
             self.progress = old

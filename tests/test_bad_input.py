@@ -166,7 +166,7 @@ def test_stale_partial_needs_resume(capsys, tiny_llama, tmp_path):
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--out", tmp_path / "o")
     assert code == 2 and "pass --resume to continue" in err
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--out", tmp_path / "o", "--resume")
-    assert code == 2 and "belongs to a run with other settings" in err
+    assert code == 2 and "has no readable progress.jsonl" in err and (tmp_path / ".o.partial").is_dir()
 
 
 def test_no_matching_targets(capsys, tiny_llama, tmp_path):
