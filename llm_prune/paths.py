@@ -21,9 +21,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a torn one.
 
     No fsync: the rename is what makes it atomic for other processes and for a killed run (the
-    page cache survives the process), and on ext4 (auto_da_alloc) a rename over a file also
-    orders its data before the rename. An fsync per finished block cost ~0.35 s each on a
-    7B-sized run, because it flushed the gigabytes of shard data written before it."""
+    page cache survives the process). On ext4 (auto_da_alloc) a rename over an existing file
+    waits for data written before it, so this is for files written once or rarely, not once per
+    block of a run (``ShardWriter`` appends to a log instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
