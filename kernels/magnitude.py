@@ -37,6 +37,11 @@ import torch
 CHUNK = 1 << 18  # weights per parallel work item: small enough to balance 2-64 cores
 BINS = 1 << 15
 SPAN = 1 << 12  # weights per tie-quota step inside a chunk
+# Counts inside a kernel (zeros written, ties seen) are kept per GROUP weights in the weights'
+# own integer width and then added to a 64-bit total: LLVM then compares and counts 16 lanes per
+# AVX2 vector for 16-bit weights instead of widening every lane to 64 bits (the prune select
+# ran 1.8x faster on one core). A 16-bit count holds GROUP without overflowing.
+GROUP = 1 << 12
 # numba's fallback threading layer (workqueue, when neither OpenMP nor TBB is installed) aborts
 # the process if two threads launch parallel kernels at once; the loader prunes in a thread.
 _LOCK = threading.Lock()
@@ -75,8 +80,10 @@ def key_histogram(w: torch.Tensor) -> np.ndarray:
 
 def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
     """fp32 only: counts of the low 16 key bits of the weights whose high half is ``high``."""
+    x = bits(w).view(np.uint32)
+    parts = max(nb.get_num_threads(), -(-x.size // (1 << 31)))  # int32 counters, as key_histogram
     with _LOCK:
-        return _bucket_histogram(bits(w), high)
+        return _bucket_histogram(x, np.uint32(high), parts)
 
 
 def set_threads(n: int | None) -> None:
@@ -165,19 +172,25 @@ def _histogram(x, clear, shift, parts):
     return out
 
 
+@nb.njit(cache=True, nogil=True)
+def _count_bucket(seg, high, row):
+    for i in range(seg.size):
+        k = seg[i] & 0x7FFFFFFF
+        if (k >> 16) == high:
+            row[k & 0xFFFF] += 1
+
+
 @nb.njit(parallel=True, cache=True, nogil=True)
-def _bucket_histogram(x, high):
-    nchunks = (x.size + CHUNK - 1) // CHUNK
-    per = np.zeros((nchunks, 1 << 16), dtype=np.int32)
-    for c in nb.prange(nchunks):
-        row = per[c]
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
-            k = np.int64(x[i]) & 0x7FFFFFFF
-            if (k >> 16) == high:
-                row[k & 0xFFFF] += 1
+def _bucket_histogram(x, high, parts):
+    # One table per part, as _histogram: one per chunk of CHUNK weights zeroed and summed 256 KiB
+    # per 2^18 weights (the second pass of an fp32 threshold ran at 0.9 G weights/s).
+    per = np.zeros((parts, 1 << 16), dtype=np.int32)
+    step = (x.size + parts - 1) // parts
+    for p in nb.prange(parts):
+        _count_bucket(x[p * step:min((p + 1) * step, x.size)], high, per[p])
     out = np.zeros(1 << 16, dtype=np.int64)
-    for c in range(nchunks):
-        out += per[c]
+    for p in range(parts):
+        out += per[p]
     return out
 
 
@@ -201,8 +214,15 @@ def _max_key(x, clear):
 
 @nb.njit(cache=True, nogil=True)
 def _count_equal(seg, clear, key):
+    u = seg.dtype.type
     e = 0
-    for t in range(seg.size):
+    end = seg.size - seg.size % GROUP
+    for g in range(0, end, GROUP):
+        n = u(0)  # a narrow count (see GROUP)
+        for t in range(g, g + GROUP):
+            n = u(n + ((seg[t] & clear) == key))
+        e += np.int64(n)
+    for t in range(end, seg.size):
         e += (seg[t] & clear) == key
     return e
 
@@ -215,9 +235,19 @@ def _keep_from(seg, out, clear, key):
         dst = seg
     else:
         dst = out
-    zero = seg.dtype.type(0)
+    u = seg.dtype.type
+    zero = u(0)
     z = 0
-    for t in range(seg.size):
+    end = seg.size - seg.size % GROUP
+    for g in range(0, end, GROUP):
+        n = u(0)  # a narrow count (see GROUP)
+        for t in range(g, g + GROUP):
+            v = seg[t]
+            v = v if (v & clear) >= key else zero
+            dst[t] = v
+            n = u(n + ((v & clear) == 0))
+        z += np.int64(n)
+    for t in range(end, seg.size):
         v = seg[t]
         v = v if (v & clear) >= key else zero
         dst[t] = v

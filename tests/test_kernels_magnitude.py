@@ -41,6 +41,14 @@ def test_histogram_equals_bincount_of_keys(dtype):
     assert K.key_histogram(torch.empty(0, 4, dtype=dtype)).sum() == 0
 
 
+def test_bucket_histogram_equals_bincount_of_low_halves():
+    w = tied((300, 257), torch.float32)  # not a multiple of the kernels' groups: tails too
+    key = magnitude_key(w).reshape(-1).long()
+    for high in {int(key.median()) >> 16, int(key.max()) >> 16, 0}:
+        ref = torch.bincount(key[(key >> 16) == high] & 0xFFFF, minlength=1 << 16)
+        assert torch.equal(torch.from_numpy(K.bucket_histogram(w, high)), ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("frac", [0.0, 1 / 3, 0.5, 0.9, 1.0])
 def test_prune_below_equals_threshold_keep(dtype, frac):
@@ -66,7 +74,7 @@ def test_ties_across_chunk_boundaries():
     key = int(magnitude_key(w)[0])
     for ties in (1, K.CHUNK - 1, K.CHUNK + 7, 2 * K.CHUNK + 3, n, n + 10):
         got = w.clone()
-        assert K.prune_below_(got, key, ties)[0] == min(ties, n)
+        assert K.prune_below_(got, key, ties) == (min(ties, n), min(ties, n))  # (ties used, zeros)
         expect = w.clone()
         expect[:min(ties, n)] = 0
         assert torch.equal(bits(got), bits(expect)), ties
