@@ -94,6 +94,31 @@ def test_prune_nm_equals_nm_keep(dtype, n, m):
     assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(w), bits(before))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prune_24_words_unaligned_signed_zeros_and_all_ties(dtype):
+    # 16-bit 2:4 runs four weights per 64-bit word: a tensor 2 bytes past an 8-byte boundary (as
+    # mapped from a safetensors file), -0 among the zeros it counts, and groups of four equal
+    # magnitudes (the tie rule alone decides) across several parallel chunks.
+    rows = K.CHUNK // 64 + 3
+    w = tied((rows, 64), dtype)
+    flat = w.view(-1)
+    flat[8:12] = torch.tensor([0.5, -0.5, 0.5, -0.5], dtype=dtype)
+    flat[16:20] = torch.tensor([-0.0, 0.0, 0.25, -0.0], dtype=dtype)
+    flat[-8:] = 0.125
+    store = torch.empty(w.numel() + 1, dtype=dtype)
+    shifted = store[1:].view(w.shape)
+    assert shifted.data_ptr() % 8 != 0
+    expect = masked(w, nm_keep(w, 2, 4))
+    zeros = int((bits(expect) & 0x7FFF).eq(0).sum())  # -0 counts as a zero
+    shifted.copy_(w)
+    assert K.prune_nm_(shifted, 2, 4) == zeros
+    assert torch.equal(bits(shifted), bits(expect))
+    shifted.copy_(w)
+    out = torch.empty_like(w)
+    assert K.prune_nm_(shifted, 2, 4, out=out) == zeros
+    assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(shifted), bits(w))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", [Sparsity(0.0), Sparsity(0.3), Sparsity(0.5), Sparsity(0.97),
                                       Sparsity.parse(None, "2:4"), Sparsity.parse(None, "4:8")])
