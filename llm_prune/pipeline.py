@@ -32,7 +32,7 @@ from .errors import UserError
 from .fingerprint import checkpoint_fingerprint, file_sha256
 from .masks import Threshold, find_threshold, key_to_value
 from .methods import get_method
-from .methods.magnitude import NonFinite, layer_plan, threshold_plan, threshold_prune_
+from .methods.magnitude import NonFinite, threshold_plan, threshold_prune_
 from .kernels.formats import check_encodable, encode_all
 from .sequential import prune_sequential, saved_inputs_bytes
 from .stream import SAFE_INDEX, SPARSE_INDEX, Arena, CheckpointReader, ShardWriter, TensorInfo, Unit, check_free_space
@@ -217,7 +217,7 @@ def _prune_targets(reader, unit, cfg, arch, method, threshold, ties_left, out_of
         src = pickled.pop(name) if pickled is not None else next(reader.read_mapped([name]))[1]
         try:
             plan = (threshold_plan(src, threshold.key, ties_left) if threshold is not None
-                    else layer_plan(src, cfg.sparsity, arch.weight_in_first) if method.name == "omp" else None)
+                    else method.plan(src, cfg.sparsity, arch.weight_in_first) if method.plan else None)
             if shard is not None and plan is not None:
                 if buf is None or buf.dtype != src.dtype:
                     buf = torch.empty(PIECE_BYTES // src.element_size(), dtype=src.dtype)

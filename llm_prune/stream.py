@@ -521,7 +521,7 @@ class ShardWriter:
         """Write ``unit``'s shard from tensors in memory or byte ranges of the source, and record it."""
         with self._disk_errors(file):
             save_safetensors(self._part(file), tensors, metadata or {"format": "pt"})
-        self.commit(unit, file, sorted(tensors), record, state)
+        self.commit(unit, file, list(tensors), record, state)
 
     def open(self, file: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
              metadata: dict[str, str] | None = None) -> ShardFile:

@@ -30,6 +30,10 @@ class Method:
     # Methods without calibration may prune in place, faster than applying ``keep``:
     # prune_(weight, sparsity, weight_in_first) -> number of zeros the weight ends with.
     prune_: Callable[[torch.Tensor, Sparsity, bool], int] | None = None
+    # ... and may decide their pruning once per tensor, to apply piece by piece (the exporter):
+    # plan(weight, sparsity, weight_in_first) -> a ``methods.magnitude.Plan``, or None when the
+    # kernels cannot take the weight (then ``prune_`` does it whole).
+    plan: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}

@@ -149,4 +149,4 @@ def _apply(w: torch.Tensor, keep: torch.Tensor) -> None:
 
 
 register(Method("omp", "one-shot magnitude pruning: remove the smallest |w|", False, magnitude_keep,
-                prune_=magnitude_prune_))
+                prune_=magnitude_prune_, plan=layer_plan))
