@@ -10,14 +10,12 @@ standard table (``mmlu.py``), the same size weighting lm-eval's groups use.
 from __future__ import annotations
 
 import logging
-import functools
-import os
 import time
-import urllib.request
 from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
+from ..runtime import hub_reachable
 from .mmlu import CATEGORIES, SUBJECTS, aggregate_categories
 from .perplexity import perplexity_task
 from .settings import EvalSettings
@@ -70,18 +68,11 @@ def evaluate_lm(lm, tasks: list[str], settings: EvalSettings) -> dict | None:
     return out
 
 
-@functools.lru_cache(maxsize=None)  # one probe per process
 def resolve_data(data: str) -> str:
     """"local" or "hub": auto picks the hub only when it answers within a few seconds."""
     if data != "auto":
         return data
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return "local"
-    try:
-        urllib.request.urlopen("https://huggingface.co/api/datasets/cais/mmlu", timeout=3).close()
-        return "hub"
-    except Exception:
-        return "local"
+    return "hub" if hub_reachable() else "local"
 
 
 def _check_tasks(tasks: list[str]) -> list[str]:

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import torch
 
+from .. import runtime
 from ..errors import UserError
-from ..stream import SPARSE_INDEX
+from ..runtime import resolve_device
+from ..reader import SPARSE_INDEX
 from .settings import EvalSettings
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(device: str | None) -> str:
-    if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device evaluation runs on, as transformers and lm-eval name it."""
+    return str(resolve_device(device))
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
@@ -63,14 +62,8 @@ def model_kwargs(settings: EvalSettings) -> dict:
 
 
 def load_tokenizer(path: Path, tokenizer: str | Path | None = None):
-    from transformers import AutoTokenizer
-
-    src = tokenizer or path
-    try:
-        return AutoTokenizer.from_pretrained(src)
-    except Exception as e:
-        raise UserError(f"no usable tokenizer in {src} ({type(e).__name__}); evaluation needs one: copy the "
-                        "tokenizer files next to the weights or pass --tokenizer DIR") from None
+    return runtime.load_tokenizer(tokenizer or path, "evaluation",
+                                  "copy the tokenizer files next to the weights or pass --tokenizer DIR")
 
 
 def load_model(path: Path, settings: EvalSettings, tokenizer: str | Path | None = None):

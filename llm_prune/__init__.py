@@ -1,23 +1,38 @@
-"""llm-prune: one-shot pruning of large pre-trained transformers, streamed one block at a time."""
+"""llm-prune: one-shot pruning of large pre-trained transformers, streamed one block at a time.
+
+    import llm_prune
+    llm_prune.prune_checkpoint(src, llm_prune.PruneConfig(sparsity=llm_prune.Sparsity(0.4)), out)
+    model = llm_prune.from_pretrained("vicuna-7b", sparsity=0.4)
+
+Importing the package imports nothing heavy: each name below is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-import gc as _gc
+_EXPORTS = {
+    "PruneConfig": ".config",
+    "Sparsity": ".config",
+    "UserError": ".errors",
+    "prune_checkpoint": ".pipeline",
+    "resolve_model": ".models",
+    "from_pretrained": ".loading",
+    "load": ".loading",
+    "set_sparsity": ".loading",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-# torch, transformers and numba create ~10^6 long-lived objects on import, and the cyclic GC
-# would walk them again and again while they load; paused, they are walked once, after. Nothing
-# is lost: cycles made meanwhile are found then. (The CLI also freezes them: cli.main.)
-_gc_on = _gc.isenabled()
-_gc.disable()
-try:
-    from .config import PruneConfig, Sparsity  # noqa: E402
-    from .errors import UserError  # noqa: E402
-    from .pipeline import prune_checkpoint  # noqa: E402
-    from .models import resolve_model  # noqa: E402
-    from .loading import from_pretrained, load, set_sparsity  # noqa: E402  (module llm_prune.loading; load is the function)
-finally:
-    if _gc_on:
-        _gc.enable()
 
-__all__ = ["PruneConfig", "Sparsity", "UserError", "prune_checkpoint", "resolve_model", "from_pretrained", "load",
-           "set_sparsity", "__version__"]
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -89,18 +89,6 @@ def context_length(model_config: dict) -> int | None:
     return None
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but this torch build sees no CUDA device; use --device cpu")
-    return device
-
-
 # -- text sources -------------------------------------------------------------------------------
 def embedded_passages(split: str = "calib") -> list[str]:
     """The packaged Wikipedia passages: ``calib`` (9 of every 10) or ``heldout`` (every 10th)."""
@@ -173,16 +161,6 @@ def _from_datasets(source: str) -> list[str]:
 
 
 # -- tokens and windows ---------------------------------------------------------------------------
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:
-        raise UserError(f"{model_dir} has no usable tokenizer ({type(e).__name__}); calibration needs one "
-                        "to turn text into tokens") from None
-
-
 def tokenize(tokenizer, docs: list[str], max_tokens: int | None = None, batch: int = 256) -> torch.Tensor:
     """One stream of token ids: documents tokenized separately (no special tokens), joined by a
     blank line; stops once ``max_tokens`` are reached (for large hub datasets)."""

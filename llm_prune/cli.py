@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .calibration import add_calibration_arguments, calib_config_from_args
-from .config import DEFAULT_TARGETS, SCOPES, PruneConfig, Sparsity
 from .errors import UserError
-from .eval import cli as eval_cli
-from .methods import METHODS
-from .models import ALIASES, DEFAULT_MODEL, EMBEDDED, resolve_model
-from .report import format_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibration import add_calibration_arguments
+    from .config import DEFAULT_TARGETS, SCOPES
+    from .eval import cli as eval_cli
+    from .methods import METHODS
+    from .models import ALIASES, DEFAULT_MODEL, EMBEDDED
+
     p = argparse.ArgumentParser(
         prog="llm-prune",
         description="One-shot pruning of pre-trained transformers, streamed one block at a time. "
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_out(model: str, cfg: PruneConfig) -> Path:
+def default_out(model: str, cfg) -> Path:
     name = Path(model.rstrip("/")).name if Path(model).is_dir() else model.split("/")[-1]
     suffix = "-global" if cfg.scope == "global" else ""
     return Path(f"{name}-{cfg.method}-{cfg.sparsity.label}{suffix}")
@@ -74,9 +74,8 @@ def _fixed_mmap_threshold(nbytes: int = 4 << 20) -> None:
     """Make glibc return every freed block above ``nbytes`` to the OS.
 
     By default glibc raises its mmap threshold (up to 32 MiB) after large frees, so per-tensor
-    temporaries of a few MiB then stay in its heaps between blocks. Measured on the 8-block
-    7B-shaped benchmark: peak RSS 1.18-1.26 GiB without, a steady 1.16 GiB with, same speed.
-    Process-wide, so only the CLI (which owns the process) sets it.
+    temporaries of a few MiB then stay in its heaps between blocks (BENCHMARKS.md has the peak
+    RSS with and without). Process-wide, so only the program sets it (``main`` without argv).
     """
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # -3 = M_MMAP_THRESHOLD
@@ -85,14 +84,11 @@ def _fixed_mmap_threshold(nbytes: int = 4 << 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # run as the program, so the process is ours
-        # The ~10^6 objects the imports made live as long as the process: out of the collector's
-        # sight, its full collections during a run take ~0.01 s instead of ~0.2 s (8-block 7B
-        # shape) and exit is shorter. Not when called from Python: garbage there would stay.
-        gc.freeze()
+    own = argv is None  # run as the program: the process is ours to tune
     argv = sys.argv[1:] if argv is None else list(argv)
-    _fixed_mmap_threshold()
     try:
+        if own:
+            _own_process()
         if argv[:1] == ["eval"]:
             return _eval(argv[1:])
         return _prune(build_parser().parse_args(argv[1:] if argv[:1] == ["prune"] else argv))
@@ -105,13 +101,39 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _own_process() -> None:
+    """Process-wide settings only the program itself may make (never a library call).
+
+    torch, transformers and numba create ~10^6 long-lived objects on import: with the cyclic GC
+    paused they are walked once instead of again and again while they load, and frozen after,
+    out of the collector's sight for the rest of the run (its full collections then skip them,
+    and exit is shorter). glibc's mmap threshold is fixed so that freed per-tensor temporaries
+    go back to the OS between blocks instead of staying in its heaps."""
+    gc.disable()
+    try:
+        build_parser()  # imports what every command needs
+        from . import pipeline  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+    _fixed_mmap_threshold()
+
+
 def _eval(argv: list[str]) -> int:
+    from .eval import cli as eval_cli
+
     p = argparse.ArgumentParser(prog="llm-prune eval", description="Evaluate a checkpoint directory (dense or exported).")
     eval_cli.add_arguments(p)
     return eval_cli.run(p.parse_args(argv))
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from .calibration import calib_config_from_args
+    from .config import PruneConfig, Sparsity
+    from .eval import cli as eval_cli
+    from .models import resolve_model
+    from .report import format_summary
+
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
                       scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude))
     calib = calib_config_from_args(args)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .paths import cache_dir
+from .runtime import offline
 
 ALIASES = {
     "vicuna-7b": "lmsys/vicuna-7b-v1.5",
@@ -74,8 +75,7 @@ def _from_hub(repo: str) -> Path:
         return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=True))
     except Exception:
         pass  # not cached (or only partly): try the hub below when allowed
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline:
+    if not offline():
         try:
             return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
         except Exception:

@@ -1,8 +1,68 @@
-"""Human-readable summaries of a run's report (the same data is in sparsity.json)."""
+"""A run's report: ``sparsity.json``'s payload, and the short summary the terminal shows."""
 
 from __future__ import annotations
 
+import resource
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
+
+from . import __version__
+from .fingerprint import checkpoint_fingerprint
+from .magnitude import Threshold, key_to_value
+
+
+def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) -> dict:
+    """``sparsity.json`` of a finished ``pipeline.Run``: settings, achieved sparsity (per tensor,
+    per module type, over targets and over all parameters), the source and the run's costs."""
+    reader, cfg, writer = run.reader, run.cfg, run.writer
+    per_tensor: dict[str, list[int]] = {}
+    for rec in writer.records().values():
+        per_tensor.update(rec.get("stats", {}))
+    by_type: dict[str, list[int]] = {}
+    for name, (numel, zeros) in per_tensor.items():
+        acc = by_type.setdefault(run.arch.block_of(name)[1].removesuffix(".weight"), [0, 0])
+        acc[0] += numel
+        acc[1] += zeros
+    n_t, z_t = sum(v[0] for v in per_tensor.values()), sum(v[1] for v in per_tensor.values())
+    n_all = sum(i.numel for i in reader.infos.values())
+    report = {
+        "tool": {"name": "llm-prune", "version": __version__},
+        "method": cfg.method,
+        "scope": cfg.scope,
+        "pattern": f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
+        "target_sparsity": cfg.sparsity.ratio,
+        "targets": list(cfg.targets),
+        "exclude": list(cfg.exclude),
+        "format": run.fmt,  # of the targets; every other tensor is stored dense
+        "formats": {n: run.fmt for u in run.units for n in u.targets},
+        "source": {"name": source_name, "path": str(Path(reader.path).resolve()), "files": file_hashes,
+                   "fingerprint": checkpoint_fingerprint(file_hashes)},
+        "achieved": {
+            "targeted": z_t / n_t,
+            "all_parameters": z_t / n_all,  # zeros outside the targets are not counted
+            "targeted_params": n_t,
+            "all_params": n_all,
+            "by_type": {k: {"params": v[0], "sparsity": v[1] / v[0]} for k, v in sorted(by_type.items())},
+            "tensors": {n: z / max(numel, 1) for n, (numel, z) in sorted(per_tensor.items())},
+        },
+        "run": {
+            "time_s": round(time.perf_counter() - t0, 3),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "output_bytes": writer.written_bytes(),
+            "units": len(run.units),
+            "resumed_units": writer.resumed,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    if cfg.scope == "global":
+        t = Threshold(**writer.state["threshold"])
+        dtype = reader.infos[next(n for u in run.units for n in u.targets)].dtype  # OMP: the score is the weight
+        dtype = getattr(torch, writer.state.get("score_dtype", ""), dtype)
+        report["threshold"] = {"magnitude": key_to_value(t.key, dtype) if t.k else 0.0, "pruned": t.k, "of": t.total}
+    return report
 
 
 def human_bytes(n: float) -> str:

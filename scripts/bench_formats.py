@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from llm_prune import PruneConfig, Sparsity, prune_checkpoint, resolve_model
 from llm_prune.kernels import formats as F
-from llm_prune.masks import nm_keep, unstructured_keep
+from llm_prune.magnitude import nm_keep, unstructured_keep
 
 LEVELS = {"0.4": Sparsity(0.4), "0.5": Sparsity(0.5), "2:4": Sparsity(0.5, 2, 4)}
 LLAMA7B_BLOCK = {  # name -> [out, in]

@@ -13,7 +13,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
     w = (torch.randn(11008, 4096) * 0.02).to(dt)
     x = K.bits(w); shift = K._VIEW[dt][1]
     u = x.view(np.uint16 if x.itemsize == 2 else np.uint32)
-    fs = {"signed": lambda: K._histogram(x, K._clear(x), shift, 2), "unsigned": lambda: K._histogram(u, K._clear(u), shift, 2)}
+    fs = {"signed": lambda: K._histogram(x, K.sign_clear(x), shift, 2), "unsigned": lambda: K._histogram(u, K.sign_clear(u), shift, 2)}
     assert (fs["signed"]() == fs["unsigned"]()).all()
     res = {k: [] for k in fs}
     for rep in range(4):

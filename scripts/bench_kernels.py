@@ -3,7 +3,7 @@
     python scripts/bench_kernels.py [--repeat 5] [--json FILE]
 
 For an 11008x4096 weight (Llama-2-7B's MLP shape) in fp16, bf16 and fp32: the layer-scope
-threshold (``methods.magnitude.layer_plan``: key histogram plus the finiteness check),
+threshold (``methods.omp.plan``: key histogram plus the finiteness check),
 applying it into a 4 MiB buffer piece by piece as the exporter does (ties included), 2:4 the
 same way, and the key histogram alone. Prints G weights/s, the best of ``--repeat``
 rounds. To compare two versions, run this file from each checkout alternately on the same
@@ -20,7 +20,7 @@ import torch
 
 from llm_prune.config import Sparsity
 from llm_prune.kernels import magnitude as K
-from llm_prune.methods.magnitude import Plan, layer_plan
+from llm_prune.methods.omp import Plan, plan as layer_plan
 
 PIECE_BYTES = 4 << 20
 

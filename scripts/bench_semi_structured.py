@@ -42,7 +42,7 @@ def time_ms(fn, reps: int) -> float:
 def bench_shape(out_f: int, in_f: int, dtype, tokens: list[int], backends: list[str], reps: int) -> dict:
     from llm_prune.kernels import formats as F
     from llm_prune.kernels.semi_structured import to_semi_structured
-    from llm_prune.masks import nm_keep
+    from llm_prune.magnitude import nm_keep
 
     torch.manual_seed(0)
     w = torch.randn(out_f, in_f, dtype=dtype)

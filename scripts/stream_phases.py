@@ -23,16 +23,16 @@ import shutil
 import subprocess
 import time
 
-from llm_prune import pipeline, stream
+from llm_prune import pipeline, writer
 from llm_prune.config import PruneConfig, Sparsity
-from llm_prune.methods import METHODS, magnitude
+from llm_prune.methods import METHODS, omp
 
 THRESHOLD = "threshold (histogram)"
 PHASES = [  # (owner, attribute, label)
-    (magnitude.Plan, "apply", "apply plan"),
-    (stream.ShardFile, "write", "write pieces"),
-    (stream.ShardFile, "copy_from", "copy unpruned"),
-    (stream.ShardWriter, "commit", "publish unit"),
+    (omp.Plan, "apply", "apply plan"),
+    (writer.ShardFile, "write", "write pieces"),
+    (writer.ShardFile, "copy_from", "copy unpruned"),
+    (writer.ShardWriter, "commit", "publish unit"),
     (pipeline, "_prune_targets", "prune targets (all of the above but copies)"),
 ]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_prune import stream
+from llm_prune import writer as writer_module
 from llm_prune.cli import main
 
 
@@ -130,13 +130,13 @@ def test_non_finite_weights(capsys, tiny_llama, tmp_path, bad):
 
 def test_not_enough_space_up_front(capsys, tiny_llama, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--out", tmp_path / "o")
     assert_clean_failure(code, err, tmp_path, "not enough disk space", keep=["tiny-llama"])
 
 
 def test_disk_full_while_writing(capsys, tiny_llama, tmp_path, monkeypatch):
-    real, calls = stream._allocate, []
+    real, calls = writer_module._allocate, []
 
     def fill_up(fd, size):  # the second shard finds the disk full
         calls.append(size)
@@ -144,7 +144,7 @@ def test_disk_full_while_writing(capsys, tiny_llama, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, size)
 
-    monkeypatch.setattr(stream, "_allocate", fill_up)
+    monkeypatch.setattr(writer_module, "_allocate", fill_up)
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--out", tmp_path / "o")
     assert_clean_failure(code, err, tmp_path, "no space left on the device", keep=["tiny-llama"])
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from llm_prune.calibration import (CalibConfig, add_calibration_arguments, calib_config_from_args, draw_windows,
-                                   embedded_passages, load_texts, resolve_device, tokenize)
+                                   embedded_passages, load_texts, tokenize)
 from llm_prune.errors import UserError
+from llm_prune.runtime import resolve_device
 
 
 class CharTokenizer:
@@ -83,8 +84,12 @@ def test_config_defaults_validation_and_seqlen():
     assert CalibConfig(seqlen=512).resolved_seqlen({"n_positions": 1024}) == 512
     with pytest.raises(UserError, match="exceeds the model's context of 64"):
         CalibConfig(seqlen=65).resolved_seqlen({"max_position_embeddings": 64})
-    for bad in [dict(nsamples=0), dict(seqlen=0), dict(damp=-1.0), dict(blocksize=0), dict(dtype="int8")]:
-        with pytest.raises(UserError):
+    for bad, match in [(dict(nsamples=0), "--nsamples must be at least 1, got 0"),
+                       (dict(seqlen=0), "--seqlen must be at least 1, got 0"),
+                       (dict(damp=-1.0), "--damp must be a non-negative fraction"),
+                       (dict(blocksize=0), "--blocksize must be at least 1, got 0"),
+                       (dict(dtype="int8"), "activation dtype must be one of float32, bfloat16, float16, got 'int8'")]:
+        with pytest.raises(UserError, match=match):
             CalibConfig(**bad)
 
 

@@ -39,10 +39,14 @@ def test_no_save_needs_eval(capsys, tmp_path):
     assert "--no-save only makes sense with --eval" in capsys.readouterr().err
 
 
-def test_calibration_method_through_cli(tiny_llama, tmp_path):
+def test_calibration_method_through_cli(capsys, tiny_llama, tmp_path):
     # tiny_llama has no tokenizer: the calibration error must be one line, nothing written.
+    capsys.readouterr()
     assert main([str(tiny_llama), "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "o"),
                  "--nsamples", "2", "--seqlen", "16", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llm-prune: error: no usable tokenizer in {tiny_llama}") and err.count("\n") == 1
+    assert "calibration needs one" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 

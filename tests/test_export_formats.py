@@ -9,16 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from llm_prune import PruneConfig, Sparsity, prune_checkpoint
 from llm_prune.cli import main
-from llm_prune.kernels.formats import decode_all, size_formula
+from llm_prune.kernels.formats import size_formula
 
-
-def read_decoded(path):
-    """All tensors of an export, decoded shard by shard with the formats' own metadata."""
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update(decode_all({k: f.get_tensor(k) for k in f.keys()}, f.metadata()))
-    return out
+from .helpers import read_decoded
 
 
 @pytest.mark.parametrize("pattern,fmt", [("2:4", "packed24"), ("2:4", "bitmask"), (None, "bitmask")])
@@ -50,7 +43,7 @@ def test_formats_equal_dense_export(tiny_llama, tmp_path, pattern, fmt):
 def test_transformers_refuses_compressed_export_loudly(tiny_llama, tmp_path):
     cfg = PruneConfig(sparsity=Sparsity.parse(None, "2:4"))
     prune_checkpoint(tiny_llama, cfg, tmp_path / "p", fmt="packed24", progress=False)
-    with pytest.raises(OSError):  # no silently random-initialised weights
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # no silently random-initialised weights
         AutoModelForCausalLM.from_pretrained(tmp_path / "p")
 
 

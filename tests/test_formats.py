@@ -11,29 +11,16 @@ from safetensors.torch import save_file
 
 from llm_prune.errors import UserError
 from llm_prune.kernels import formats as F
-from llm_prune.masks import nm_keep, unstructured_keep
+from llm_prune.magnitude import nm_keep, unstructured_keep
+
+from .helpers import assert_bits_equal, bits, pruned_24
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(INT[t.dtype])
-
-
-def assert_bits_equal(a: torch.Tensor, b: torch.Tensor):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(bits(a), bits(b))
 
 
 def roundtrip(w: torch.Tensor, fmt: str) -> torch.Tensor:
     stored, meta = F.encode("w", w, fmt)
     return F.decode("w", stored, meta)
-
-
-def pruned_24(rows, cols, dtype, seed=0):
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return torch.where(nm_keep(w, 2, 4), w, torch.zeros((), dtype=dtype))
 
 
 # -- round trips ---------------------------------------------------------------------------

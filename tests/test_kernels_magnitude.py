@@ -1,23 +1,16 @@
-"""The fused in-place magnitude kernels against the torch reference (llm_prune.masks), bit for bit."""
+"""The fused in-place magnitude kernels against the torch reference (llm_prune.magnitude), bit for bit."""
 
 import pytest
 import torch
 
 from llm_prune.config import Sparsity
 from llm_prune.kernels import magnitude as K
-from llm_prune.masks import find_threshold, magnitude_key, nm_keep, threshold_keep
-from llm_prune.methods.magnitude import NonFinite, magnitude_keep, magnitude_prune_, threshold_prune_
+from llm_prune.kernels import nm as NM
+from llm_prune.magnitude import NonFinite, find_threshold, magnitude_keep, magnitude_key, nm_keep, threshold_keep
+
+from .helpers import bits, magnitude_prune_, masked, threshold_prune_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-INT = {2: torch.int16, 4: torch.int32}
-
-
-def bits(x):
-    return x.view(INT[x.element_size()])
-
-
-def masked(w, keep):
-    return torch.where(keep, w, torch.zeros((), dtype=w.dtype))
 
 
 def tied(shape, dtype, seed=0):
@@ -87,10 +80,10 @@ def test_prune_nm_equals_nm_keep(dtype, n, m):
     expect = masked(w, nm_keep(w, n, m))
     zeros = w.numel() - int(torch.count_nonzero(expect))
     got = w.clone()
-    assert K.prune_nm_(got, n, m) == zeros
+    assert NM.prune_nm_(got, n, m) == zeros
     assert torch.equal(bits(got), bits(expect))
     out, before = torch.empty_like(w), w.clone()
-    assert K.prune_nm_(w, n, m, out=out) == zeros
+    assert NM.prune_nm_(w, n, m, out=out) == zeros
     assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(w), bits(before))
 
 
@@ -111,11 +104,11 @@ def test_prune_24_words_unaligned_signed_zeros_and_all_ties(dtype):
     expect = masked(w, nm_keep(w, 2, 4))
     zeros = int((bits(expect) & 0x7FFF).eq(0).sum())  # -0 counts as a zero
     shifted.copy_(w)
-    assert K.prune_nm_(shifted, 2, 4) == zeros
+    assert NM.prune_nm_(shifted, 2, 4) == zeros
     assert torch.equal(bits(shifted), bits(expect))
     shifted.copy_(w)
     out = torch.empty_like(w)
-    assert K.prune_nm_(shifted, 2, 4, out=out) == zeros
+    assert NM.prune_nm_(shifted, 2, 4, out=out) == zeros
     assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(shifted), bits(w))
 
 

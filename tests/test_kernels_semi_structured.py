@@ -14,16 +14,14 @@ from torch.sparse._semi_structured_conversions import (
 from llm_prune.errors import UserError
 from llm_prune.kernels import formats as F
 from llm_prune.kernels.semi_structured import cutlass_parts_from_packed24, to_semi_structured
-from llm_prune.masks import nm_keep
+
+from llm_prune.magnitude import nm_keep
+
+from .helpers import pruned_24
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="semi-structured sparse matmul runs only on a CUDA GPU "
                                                  "(Ampere or newer); this machine has none")
-
-
-def pruned_24(rows, cols, dtype, device="cpu", seed=0):
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return torch.where(nm_keep(w, 2, 4), w, torch.zeros((), dtype=dtype)).to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

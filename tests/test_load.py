@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_prune import PruneConfig, Sparsity, UserError, prune_checkpoint
-from llm_prune import loading as load_mod
+from llm_prune.loading import build, keytables
 from llm_prune.loading import Decoder, DECODERS, from_pretrained, load, register_decoder, set_sparsity
-from llm_prune.stream import TensorInfo
+from llm_prune.reader import TensorInfo
 
+from .helpers import assert_bitwise
 from .conftest import save_tiny, tiny_llama_config, tiny_opt_config
 
 
@@ -30,20 +31,6 @@ def hf_load(path, **kw):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, **kw)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8) if t.is_floating_point() else t
-
-
-def assert_bitwise(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
-        assert torch.equal(bits(sa[k]), bits(sb[k])), f"{k} differs"
-    for (na, ba), (nb, bb) in zip(a.named_buffers(), b.named_buffers()):
-        assert na == nb and torch.equal(ba, bb), na
 
 
 def export_then_load(src, out, sparsity=None, pattern=None, scope="layer", **kw):
@@ -147,7 +134,7 @@ def test_reading_ahead_keeps_order_and_raises_in_place(limit):
         raise ValueError("broken at 5")
 
     seen = []
-    with pytest.raises(ValueError, match="broken at 5"), load_mod._Ahead(items(), limit) as ahead:
+    with pytest.raises(ValueError, match="broken at 5"), build._Ahead(items(), limit) as ahead:
         for x in ahead:
             seen.append(x)
     assert seen == [0, 1, 2, 3, 4]
@@ -161,7 +148,7 @@ def test_leaving_early_stops_the_reading_thread():
             produced.append(i)
             yield i
 
-    with load_mod._Ahead(items(), 2) as ahead:
+    with build._Ahead(items(), 2) as ahead:
         for x in ahead:
             if x == 3:
                 break
@@ -178,7 +165,7 @@ def test_global_tables_cached_reused_and_invalidated(tmp_path, tiny_llama, monke
     def no_pass(*a, **k):
         raise AssertionError("the cached tables should have served this load")
 
-    monkeypatch.setattr(load_mod, "key_table", no_pass)
+    monkeypatch.setattr(keytables, "key_table", no_pass)
     assert_bitwise(from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False), first)
     # Any other sparsity comes off the same tables, still without a pass.
     ref = export_then_load(tiny_llama, tmp_path / "out7", 0.7, None, "global")

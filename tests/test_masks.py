@@ -5,19 +5,12 @@ import torch
 
 from llm_prune.config import Sparsity
 from llm_prune.errors import UserError
-from llm_prune.masks import (all_finite, find_threshold, is_nm, key_to_value, magnitude_key, nm_keep,
-                             prune_count, threshold_keep, unstructured_keep)
-from llm_prune.methods.magnitude import magnitude_keep
+from llm_prune.magnitude import (all_finite, find_threshold, is_nm, key_to_value, magnitude_key, magnitude_keep,
+                                 nm_keep, prune_count, threshold_keep, unstructured_keep)
+
+from .helpers import reference_keep
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def reference_keep(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The simple way: prune the k smallest |x|, ties broken by flat index (stable sort)."""
-    order = torch.argsort(x.abs().flatten().float(), stable=True)
-    keep = torch.ones(x.numel(), dtype=torch.bool)
-    keep[order[:k]] = False
-    return keep.view_as(x)
 
 
 def test_one_row_by_hand():

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_prune import PruneConfig, Sparsity, prune_checkpoint
-from llm_prune.stream import ShardWriter
+from llm_prune.writer import ShardWriter
 from tests.test_masks import reference_keep
 
 
@@ -191,7 +191,7 @@ def test_gpt2_conv1d_nm_along_input_dim(tmp_path):
     from transformers import GPT2Config
     from transformers.pytorch_utils import Conv1D
 
-    from llm_prune.masks import is_nm
+    from llm_prune.magnitude import is_nm
     from tests.conftest import save_tiny
 
     src = save_tiny(tmp_path / "gpt2", GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))

@@ -3,23 +3,25 @@ transformers model, same seed -> same bytes, resume, N:M validity, report fields
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llm_prune.arch import ARCHS, arch_for
 from llm_prune.calibration import CalibConfig, calibration_windows, embedded_passages
 from llm_prune.config import PruneConfig, Sparsity
 from llm_prune.errors import UserError
-from llm_prune.masks import is_nm
+from llm_prune.magnitude import is_nm
 from llm_prune.methods import get_method
-from llm_prune.pipeline import prune_checkpoint, select_targets
-from llm_prune.sequential import build_skeleton, capture_block_inputs, prune_sequential
-from llm_prune.stream import CheckpointReader, ShardWriter
+from llm_prune.blocks import build_skeleton, capture_block_inputs
+from llm_prune.pipeline import Run, prune_checkpoint
+from llm_prune.reader import CheckpointReader
+from llm_prune.sequential import prune_sequential
+from llm_prune.targets import select_targets
+from llm_prune.writer import ShardWriter
 
+from .helpers import digest, load_dir, read_decoded as decoded
 from .conftest import save_tiny, tiny_opt_config
 
 CASES = [("sparsegpt", Sparsity(0.5)), ("sparsegpt", Sparsity(0.5, 2, 4)), ("wanda", Sparsity(0.6)),
@@ -57,29 +59,6 @@ def calib_for(text, **kw) -> CalibConfig:
 
 def run(src: Path, cfg: PruneConfig, calib: CalibConfig, out: Path, *, resume=False, fmt="dense") -> dict:
     return prune_checkpoint(src, cfg, out, fmt=fmt, calib=calib, resume=resume, progress=False)
-
-
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def decoded(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    from llm_prune.kernels.formats import decode_all
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as sf:
-            out.update(decode_all({n: sf.get_tensor(n) for n in sf.keys()}, sf.metadata()))
-    return out
-
-
-def digest(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.glob("*.safetensors"))}
 
 
 LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -247,6 +226,10 @@ def test_opt_family_runs_from_its_arch_entry(tmp_path, calib_text):
     assert len(targets) == 2 * 6 and all(is_nm(out[n] != 0, 2, 4) for n in targets)
 
 
+def run_of(reader, units, cfg, calib, arch, writer) -> Run:
+    return Run(reader, units, cfg, arch, get_method(cfg.method), writer, calib=calib, progress=False)
+
+
 def test_bad_inputs_are_user_errors(llama_dir, tiny_llama, calib_text, tmp_path):
     reader = CheckpointReader(llama_dir)
     units = reader.units(ARCHS["llama"])
@@ -254,13 +237,11 @@ def test_bad_inputs_are_user_errors(llama_dir, tiny_llama, calib_text, tmp_path)
     select_targets(units, reader.infos, ARCHS["llama"], cfg)
     writer = ShardWriter(tmp_path / "o", {"k": 1})
     with pytest.raises(UserError, match="no entry for bert"):
-        prune_sequential(reader, units, cfg, calib_for(calib_text), ARCHS["bert"], writer, progress=False)
+        prune_sequential(run_of(reader, units, cfg, calib_for(calib_text), ARCHS["bert"], writer))
     with pytest.raises(UserError, match="--scope global does not apply"):
-        prune_sequential(reader, units, PruneConfig(method="wanda", scope="global"), calib_for(calib_text),
-                         ARCHS["llama"], writer, progress=False)
+        prune_sequential(run_of(reader, units, PruneConfig(method="wanda", scope="global"), calib_for(calib_text),
+                                ARCHS["llama"], writer))
     with pytest.raises(UserError, match="does not prune from calibration data"):
-        prune_sequential(reader, units, PruneConfig(method="omp"), calib_for(calib_text), ARCHS["llama"], writer,
-                         progress=False)
+        prune_sequential(run_of(reader, units, PruneConfig(method="omp"), calib_for(calib_text), ARCHS["llama"], writer))
     with pytest.raises(UserError, match=r"has [\d,]+ tokens; 500 windows of 32"):
-        prune_sequential(reader, units, cfg, calib_for(calib_text, nsamples=500), ARCHS["llama"], writer,
-                         progress=False)
+        prune_sequential(run_of(reader, units, cfg, calib_for(calib_text, nsamples=500), ARCHS["llama"], writer))

@@ -68,7 +68,7 @@ def test_global_and_24_on_real_weights(smollm2_dir, dense, ids, tmp_path):
         if args[1] == "2:4":
             # Achieved sparsity counts every zero: a few kept weights were exactly zero already.
             assert all(0.5 <= v["sparsity"] < 0.5001 for v in report["achieved"]["by_type"].values())
-            from llm_prune.masks import is_nm
+            from llm_prune.magnitude import is_nm
             assert all(is_nm(m.weight != 0, 2, 4) for m in model.model.layers.modules()
                        if isinstance(m, torch.nn.Linear))
         else:

@@ -10,8 +10,8 @@ import torch
 
 from llm_prune.config import Sparsity
 from llm_prune.errors import UserError
-from llm_prune.masks import is_nm
-from llm_prune.methods.magnitude import magnitude_keep
+from llm_prune.magnitude import is_nm
+from llm_prune.magnitude import magnitude_keep
 from llm_prune.methods.sparsegpt import Hessian, inverse_cholesky, sparsegpt_prune
 from llm_prune.methods.wanda import InputNorms, wanda_keep
 
@@ -122,13 +122,14 @@ def test_outputs_are_exactly_sparse_and_nm_valid(dtype):
 def smollm2_layer_inputs(smollm2_dir):
     """Inputs of every Linear of SmolLM2 block 3 (dense blocks 0-2 before it) on 8 x 256 real tokens."""
     from llm_prune.arch import arch_for
-    from llm_prune.calibration import draw_windows, embedded_passages, load_tokenizer, tokenize
-    from llm_prune.sequential import build_skeleton, capture_block_inputs, load_block, run_block
-    from llm_prune.stream import CheckpointReader
+    from llm_prune.blocks import build_skeleton, capture_block_inputs, load_block, run_block
+    from llm_prune.calibration import draw_windows, embedded_passages, tokenize
+    from llm_prune.reader import CheckpointReader
+    from llm_prune.runtime import load_tokenizer
 
     reader = CheckpointReader(smollm2_dir)
     arch = arch_for(reader.config)
-    ids = tokenize(load_tokenizer(smollm2_dir), embedded_passages("calib")[:60])
+    ids = tokenize(load_tokenizer(smollm2_dir, "calibration"), embedded_passages("calib")[:60])
     windows = draw_windows(ids, 8, 256, seed=0)
     skeleton = build_skeleton(smollm2_dir)
     blocks = skeleton.get_submodule(arch.blocks_attr)

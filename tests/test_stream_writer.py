@@ -9,9 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llm_prune import stream
+from llm_prune import writer as writer_module
 from llm_prune.errors import UserError
-from llm_prune.stream import FileBytes, save_safetensors
+from llm_prune.reader import FileBytes
+from llm_prune.writer import save_safetensors
+
+from .helpers import assert_same_tensors as _equal
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
           torch.uint8, torch.bool, torch.float64]
@@ -26,13 +29,6 @@ def _sample():
     out["empty"] = torch.empty(0, 4)
     out["scalar"] = torch.tensor(2.5)
     return out
-
-
-def _equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
 
 def test_round_trip_through_the_library(tmp_path):
@@ -83,7 +79,7 @@ def test_copy_falls_back_to_read_and_write(tmp_path, monkeypatch):
     def cross_device(*a, **k):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(stream.os, "copy_file_range", cross_device)
+    monkeypatch.setattr(writer_module.os, "copy_file_range", cross_device)
     save_safetensors(tmp_path / "out.safetensors", {"w": FileBytes(tmp_path / "src.safetensors", start, 1 << 18,
                                                                    torch.float32, (1 << 16,))}, {})
     _equal(load_file(tmp_path / "out.safetensors"), src)
@@ -106,9 +102,9 @@ def test_without_kernel_copy_and_allocation(tmp_path, monkeypatch):
     ranges = {k: FileBytes(tmp_path / "src.safetensors", 8 + n + v["data_offsets"][0],
                            v["data_offsets"][1] - v["data_offsets"][0], src[k].dtype, tuple(src[k].shape))
               for k, v in header.items() if k != "__metadata__"}
-    monkeypatch.delattr(stream.os, "copy_file_range")
-    monkeypatch.delattr(stream.os, "posix_fallocate")
-    monkeypatch.delattr(stream.os, "pwrite")
+    monkeypatch.delattr(writer_module.os, "copy_file_range")
+    monkeypatch.delattr(writer_module.os, "posix_fallocate")
+    monkeypatch.delattr(writer_module.os, "pwrite")
     save_safetensors(tmp_path / "out.safetensors", ranges, {"format": "pt"})
     _equal(load_file(tmp_path / "out.safetensors"), src)
 
@@ -116,7 +112,8 @@ def test_without_kernel_copy_and_allocation(tmp_path, monkeypatch):
 def test_progress_log_survives_a_torn_line(tmp_path):
     # A kill mid-append leaves a partial last line: resume keeps the whole lines before it,
     # drops the torn one (that unit is redone) and appends after the good prefix.
-    from llm_prune.stream import ShardWriter, Unit
+    from llm_prune.reader import Unit
+    from llm_prune.writer import ShardWriter
 
     key = {"config": 1}
     w = ShardWriter(tmp_path / "o", key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llm_prune.config import Sparsity
-from llm_prune.masks import is_nm
+from llm_prune.magnitude import is_nm
 from llm_prune.methods import get_method
 from llm_prune.methods.wanda import InputNorms, wanda_keep, wanda_scores
 

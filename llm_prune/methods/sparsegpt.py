@@ -21,7 +21,7 @@ import torch
 
 from ..config import Sparsity
 from ..errors import UserError
-from ..masks import nm_keep, unstructured_keep
+from ..magnitude import nm_keep, unstructured_keep
 from . import Method, register
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,5 @@ def _solve(weight, stat: Hessian, sparsity: Sparsity, *, weight_in_first: bool, 
                            weight_in_first=weight_in_first)
 
 
-def _needs_data(weight, sparsity, weight_in_first=False):
-    raise UserError("sparsegpt chooses masks from calibration activations; run it through the sequential pipeline")
-
-
 register(Method("sparsegpt", "SparseGPT: second-order (OBS) pruning with weight updates from calibration Hessians",
-                True, _needs_data, observer=Hessian, solve=_solve))
+                solve=_solve, observer=Hessian, calib_fields=("damp", "blocksize")))

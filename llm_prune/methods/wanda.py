@@ -3,7 +3,7 @@
 The norm of input feature j over every calibration token scales how much weight (i, j) can
 move the output; Wanda removes the smallest products per output row (or the smallest M-N of
 every M along the input dimension for N:M) and leaves the surviving weights unchanged.
-Ties prune the earlier weight first (stable ascending sort), the same rule as ``llm_prune.masks``.
+Ties prune the earlier weight first (stable ascending sort), the same rule as ``llm_prune.magnitude``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Sparsity
-from ..errors import UserError
-from ..masks import nm_keep, prune_count
+from ..magnitude import nm_keep, prune_count
 from . import Method, register
 
 
@@ -58,9 +57,5 @@ def _solve(weight, stat: InputNorms, sparsity: Sparsity, *, weight_in_first: boo
     return torch.where(keep, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), keep
 
 
-def _needs_data(weight, sparsity, weight_in_first=False):
-    raise UserError("wanda scores weights with calibration activations; run it through the sequential pipeline")
-
-
 register(Method("wanda", "Wanda: prune the smallest |W|·||X|| in each output row (calibration activations)",
-                True, _needs_data, observer=InputNorms, solve=_solve))
+                solve=_solve, observer=InputNorms))

@@ -1,0 +1,75 @@
+"""The one place llm-prune builds a model through transformers' private loading API.
+
+``llm_prune.from_pretrained`` and ``llm_prune.load`` fill a model tensor by tensor, which
+transformers' public ``from_pretrained`` cannot do, so they reuse the pieces it is built from:
+an empty model from a config, the per-module dtype plan, device-map expansion, offloading, weight
+tying and dispatch. Every such call is here, so a transformers release that moves one is fixed
+in one file. Tested with transformers 5.23 and 5.24 (accelerate 1.15).
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+
+def model_class(config):
+    """The class named in the config's ``architectures``, else the auto class's mapping."""
+    import transformers
+
+    for arch_name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch_name, None)
+        if cls is not None:
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    raise UserError(f"transformers has no model class for model_type {config.model_type!r}")
+
+
+def empty_model(cls, config, dtype):
+    """The model with every parameter on the meta device; buffers computed from the config
+    (rotary tables) are real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return cls._from_config(config, dtype=dtype)
+
+
+def dtype_plan(model, dtype) -> dict:
+    """Modules the model keeps in a dtype of their own (``_keep_in_fp32_modules``)."""
+    return model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+
+
+def placement(model, device_map, max_memory, keys: list[str]):
+    """(the device map as transformers resolves it, or None; {parameter name: device})."""
+    from transformers.integrations.accelerate import _get_device_map, check_and_set_device_map, expand_device_map
+
+    device_map = check_and_set_device_map(device_map)
+    if device_map is not None:
+        device_map = _get_device_map(model, device_map, max_memory, None)
+    return device_map, expand_device_map(device_map, keys)
+
+
+def offload_weight(w, key: str, folder: str, index: dict) -> None:
+    from transformers.integrations.accelerate import offload_weight as offload
+
+    offload(w, key, folder, index)
+
+
+def tie_weights(model, missing: set[str], offload_index: dict) -> None:
+    """Tie the model's shared weights; a tied weight offloaded to disk is served from its source's entry."""
+    tied = getattr(model, "all_tied_weights_keys", {}) or {}
+    for target, src in tied.items():
+        if src in offload_index and target not in offload_index:
+            offload_index[target] = offload_index[src]
+    model.tie_weights(missing_keys=missing, recompute_mapping=False)
+
+
+def dispatch(model, device_map, offload_folder, offload_index: dict) -> None:
+    """Hooks that move weights between devices and disk, when the map spans more than one."""
+    from transformers.integrations.accelerate import accelerate_dispatch
+
+    if device_map is not None and (len(set(device_map.values())) > 1 or "disk" in set(device_map.values())):
+        accelerate_dispatch(model, None, device_map, offload_folder, offload_index, False)

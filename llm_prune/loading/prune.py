@@ -1,0 +1,80 @@
+"""Pruning while loading: each target pruned as it is read, exactly as the exporter prunes it.
+
+Targets come from ``targets.select_targets`` over the same units as the exporter's, layer scope
+from the method (its fast path, else its reference), and a global threshold and its ties from
+the key tables (``keytables``), dealt out in visiting order before any tensor is read, so that
+tensors can be read in file order. A nested method also keeps each tensor's key table, with
+which ``set_sparsity`` later raises the sparsity without a pass.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import PruneConfig
+from ..errors import UserError
+from ..magnitude import KeyTable, NonFinite, key_table, prune_count, table_threshold
+from ..methods import Method, prune_
+from .decode import DenseSource
+from .keytables import TableCache, global_thresholds
+
+
+@dataclass
+class PruneState:
+    """What was applied to a loaded model; lets ``set_sparsity`` raise it without a reload."""
+
+    config: PruneConfig
+    weight_in_first: bool
+    prune_dtype: torch.dtype  # dtype the masks were computed in (the checkpoint's)
+    order: list[str]  # names of the targets, in the pipeline's visiting order
+    # Per target: (key, ties) of the applied threshold, and the key table, when known.
+    applied: dict[str, tuple[int, int]] = field(default_factory=dict)
+    tables: dict[str, KeyTable] = field(default_factory=dict)
+
+    def renamed(self, names: dict[str, str]) -> "PruneState":
+        """The same state under the model's parameter names (``names``: checkpoint -> model)."""
+        return PruneState(self.config, self.weight_in_first, self.prune_dtype,
+                          [names[n] for n in self.order if n in names],
+                          {names[n]: v for n, v in self.applied.items() if n in names},
+                          {names[n]: v for n, v in self.tables.items() if n in names})
+
+
+class LoadPruner:
+    """``prepare()`` once in the reading thread, then ``pruner(name, mapped tensor)`` -> pruned copy."""
+
+    def __init__(self, source: DenseSource, method: Method, state: PruneState, progress: bool,
+                 saver: ThreadPoolExecutor | None = None):
+        self.source, self.method, self.state = source, method, state
+        self.progress, self.saver = progress, saver
+        self.thresholds: dict[str, tuple[int, int]] = {}
+
+    def prepare(self) -> None:
+        """Global scope: every target's (key, ties) first; the table pass overlaps the model build."""
+        cfg = self.state.config
+        if cfg.scope == "global":
+            self.thresholds, tables = global_thresholds(TableCache(self.source, self.method), self.state.order,
+                                                        cfg.sparsity.ratio, self.progress, self.saver)
+            self.state.applied, self.state.tables = dict(self.thresholds), tables
+
+    def __call__(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        # Targets arrive mapped from the file; their pruned weights are written into fresh memory,
+        # the model's own: the weights cross memory once, and the file is never written.
+        cfg, state = self.state.config, self.state
+        out = torch.empty(src.shape, dtype=src.dtype)
+        try:
+            threshold = self.thresholds.get(name)
+            if threshold is None and self.method.nested and not cfg.sparsity.is_nm:
+                # The layer threshold read off the tensor's key table, kept for set_sparsity.
+                table = key_table(self.method.score(src))
+                if not table.wide:
+                    t, _ = table_threshold([table], prune_count(src.numel(), cfg.sparsity.ratio))
+                    threshold = state.applied[name] = (t.key, t.ties)
+                    state.tables[name] = table
+            prune_(self.method, src, cfg.sparsity, state.weight_in_first, threshold=threshold, out=out)
+        except NonFinite:
+            raise UserError(f"{name} (in {self.source.file_of(name)}) has inf or nan values: "
+                            "the checkpoint is damaged") from None
+        return out

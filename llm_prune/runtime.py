@@ -1,0 +1,70 @@
+"""What this process can reach and run on: the hub, a device, a checkpoint's tokenizer.
+
+One answer to each question, shared by calibration, evaluation and the model resolver.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _set(var: str) -> bool:
+    return os.environ.get(var, "").lower() in ("1", "true", "yes")
+
+
+def offline() -> bool:
+    """True when the user switched the Hugging Face hub off (HF_HUB_OFFLINE)."""
+    return _set("HF_HUB_OFFLINE")
+
+
+def datasets_offline() -> bool:
+    """True when datasets may not be fetched (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
+    return offline() or _set("HF_DATASETS_OFFLINE")
+
+
+@functools.lru_cache(maxsize=None)  # one probe per process
+def hub_reachable() -> bool:
+    """The hub answers within a few seconds (never probed when switched off): a quick probe
+    instead of the datasets library's retries on a machine without network."""
+    if datasets_offline():
+        return False
+    try:
+        urllib.request.urlopen("https://huggingface.co/api/datasets/cais/mmlu", timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a device (refused when it is none or this torch cannot use it); None picks
+    CUDA when present, else the CPU."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this torch build sees no CUDA device; use --device cpu")
+    return device
+
+
+def load_tokenizer(path: str | Path, purpose: str, hint: str = "copy the tokenizer files next to the weights"):
+    """The tokenizer saved with a checkpoint (or at ``path``), or one line saying what needs it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"no usable tokenizer in {path} ({type(e).__name__}); {purpose} needs one: {hint}") from None
