@@ -15,10 +15,12 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -144,24 +146,135 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def save_masks(path: str | os.PathLike, masks: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Path:
-    """Write bool ``masks`` bit-packed to a safetensors file, atomically; returns the path."""
+    """Write bool ``masks`` bit-packed to a safetensors file, atomically; returns the path.
+
+    Every mask is held in memory at once; ``MaskWriter`` writes the same bytes one mask at a time.
+    """
     from safetensors.torch import save
 
     path = Path(path)
     for name, m in masks.items():
         if m.dtype != torch.bool:
             raise ValueError(f"mask {name!r} must be a bool tensor (True = kept), got {m.dtype}")
-    if "__metadata__" in masks:
-        raise ValueError("'__metadata__' is reserved by safetensors and cannot name a mask")
-    header = {"bit_order": "lsb-first", "format": FORMAT, "metadata": dict(metadata or {}),
-              "shapes": {name: list(m.shape) for name, m in masks.items()}, "version": VERSION}
-    try:
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"mask file metadata must be plain JSON: {e}") from None
+    text = _header_text({name: tuple(m.shape) for name, m in masks.items()}, metadata)
     data = save({name: pack_bits(m) for name, m in sorted(masks.items())}, metadata={META_KEY: text})
     _write_atomic(path, data)
     return path
+
+
+def _header_text(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping | None) -> str:
+    """The one __metadata__ value of a mask file (see the table above)."""
+    if "__metadata__" in shapes:
+        raise ValueError("'__metadata__' is reserved by safetensors and cannot name a mask")
+    header = {"bit_order": "lsb-first", "format": FORMAT, "metadata": dict(metadata or {}),
+              "shapes": {name: list(shape) for name, shape in shapes.items()}, "version": VERSION}
+    try:
+        return json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"mask file metadata must be plain JSON: {e}") from None
+
+
+class MaskWriter:
+    """Writes a mask file one mask at a time: the bytes ``save_masks`` writes for the same masks.
+
+    ``MaskWriter(path, shapes, metadata)`` lays the file out from the masks' shapes alone (each
+    packed mask's place is known before any is packed), so ``add(name, keep)`` packs a mask and
+    writes it at once, in any order, and memory holds one packed mask at a time, never all of
+    them. The file grows under a hidden temporary name beside ``path``; ``close()`` checks that
+    every mask was added and renames it into place, ``abort()`` removes it. As a context manager
+    it closes on success and aborts on an exception. ``add`` may be called from several threads
+    for different masks (each write lands at its own offset).
+
+    The header is written here rather than by ``llm_prune.writer.ShardFile``: safetensors writes
+    non-ASCII names and metadata as UTF-8, ShardFile escapes them (``\\uXXXX``), and a mask file
+    must be byte for byte what ``save_masks`` writes.
+    """
+
+    def __init__(self, path: str | os.PathLike, shapes: Mapping[str, Sequence[int]], metadata: Mapping | None = None):
+        from ..writer import _allocate, _pwrite_all
+
+        self.path = Path(path)
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        raw, self._spans, size = _layout(self.shapes, _header_text(self.shapes, metadata))
+        self._start = 8 + len(raw)
+        self._left = set(self.shapes)
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._fd = fd
+        try:
+            _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            if size > self._start:
+                _allocate(fd, size)  # a full disk fails here, before any mask is packed
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, name: str, keep: torch.Tensor) -> None:
+        """Pack ``keep`` (bool, True = kept, the shape given for ``name``) and write it in place."""
+        shape = self.shapes.get(name)
+        if shape is None:
+            raise ValueError(f"{name!r} is not one of the {len(self.shapes)} masks this file was laid out for")
+        if keep.dtype != torch.bool:
+            raise ValueError(f"mask {name!r} must be a bool tensor (True = kept), got {keep.dtype}")
+        if tuple(keep.shape) != shape:
+            raise ValueError(f"mask {name!r} has shape {tuple(keep.shape)}, the file was laid out for {shape}")
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"{self.path}: the mask writer is already closed")
+            if name not in self._left:
+                raise ValueError(f"mask {name!r} was already added")
+            self._left.discard(name)
+        from ..writer import _pwrite_all
+
+        at, n = self._spans[name]
+        if n:
+            _pwrite_all(self._fd, memoryview(pack_bits(keep).numpy()), self._start + at)
+
+    def close(self) -> Path:
+        """Publish the file under ``path``; with a mask never added, remove it and raise ValueError."""
+        if self._left:
+            missing = sorted(self._left)
+            self.abort()
+            raise ValueError(f"{self.path}: {len(missing)} mask(s) never added, e.g. {missing[0]!r}; nothing written")
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the unfinished file (harmless after close or a previous abort)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            Path(self._tmp).unlink(missing_ok=True)
+
+    def __enter__(self) -> "MaskWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _layout(shapes: Mapping[str, tuple[int, ...]], text: str) -> tuple[bytes, dict[str, tuple[int, int]], int]:
+    """(safetensors header bytes, {name: (data offset, bytes)}, file size) as safetensors lays out
+    uint8 tensors: metadata first, tensors by name, UTF-8 JSON without spaces, padded with spaces
+    to a multiple of 8 bytes."""
+    header: dict[str, object] = {"__metadata__": {META_KEY: text}}
+    spans, end = {}, 0
+    for name in sorted(shapes):
+        n = (math.prod(shapes[name]) + 7) // 8
+        header[name] = {"dtype": "U8", "shape": [n], "data_offsets": [end, end + n]}
+        spans[name] = (end, n)
+        end += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return raw, spans, 8 + len(raw) + end
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -184,24 +297,53 @@ def load_masks(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     Anything that is not such a file, or disagrees with its own header, raises ValueError with a
     one-line message naming the file.
     """
-    from safetensors import safe_open
+    with MaskReader(path) as f:
+        return {name: f.read(name) for name in f.shapes}, f.metadata
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no mask file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            packed = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers/data
-        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    header = _read_header(path, meta)
-    masks = {name: _unpack_checked(path, name, packed.get(name), shape)
-             for name, shape in header["shapes"].items()}
-    extra = sorted(set(packed) - set(masks))
-    if extra:
-        raise ValueError(f"{path}: tensor {extra[0]!r} has no shape in the header")
-    return masks, header["metadata"]
+
+class MaskReader:
+    """A mask file opened to read one mask at a time: ``shapes`` ({name: shape}, header order),
+    ``metadata`` (the user's), ``read(name)`` → bool tensor. Opening checks the header against the
+    stored tensors (names, byte counts), so a damaged file fails before any mask is read; errors
+    are one-line ValueErrors naming the file (FileNotFoundError when there is none)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no mask file at {self.path}")
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            meta = self._file.metadata() or {}
+            stored = {name: self._file.get_slice(name) for name in self._file.keys()}
+            sizes = {name: (s.get_dtype(), s.get_shape()) for name, s in stored.items()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers/data
+            raise ValueError(f"{self.path}: not a readable safetensors file ({_first_line(e)})") from None
+        header = _read_header(self.path, meta)
+        self.shapes = {name: tuple(shape) for name, shape in header["shapes"].items()}
+        self.metadata = header["metadata"]
+        for name, shape in self.shapes.items():
+            _check_stored(self.path, name, sizes.get(name), shape)
+        extra = sorted(set(sizes) - set(self.shapes))
+        if extra:
+            raise ValueError(f"{self.path}: tensor {extra[0]!r} has no shape in the header")
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            packed = self._file.get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"{self.path}: mask {name!r} is not readable ({_first_line(e)})") from None
+        return _unpack_checked(self.path, name, packed, self.shapes[name])
+
+    def close(self) -> None:
+        self._file = None  # safetensors releases its mapping when the handle goes
+
+    def __enter__(self) -> "MaskReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _read_header(path: Path, meta: Mapping[str, str]) -> dict:
@@ -222,16 +364,24 @@ def _read_header(path: Path, meta: Mapping[str, str]) -> dict:
     return header
 
 
-def _unpack_checked(path: Path, name: str, packed: torch.Tensor | None, shape: list[int]) -> torch.Tensor:
-    if packed is None:
+def _check_stored(path: Path, name: str, stored: tuple[str, list[int]] | None, shape: tuple[int, ...]) -> None:
+    """The header's shape of ``name`` against the dtype and shape safetensors stores for it."""
+    if stored is None:
         raise ValueError(f"{path}: mask {name!r} is in the header but not in the file")
     n = math.prod(shape)
+    if stored != ("U8", [(n + 7) // 8]):
+        raise ValueError(f"{path}: mask {name!r} should be {(n + 7) // 8} uint8 bytes for shape {shape}, "
+                         f"found {stored[0]} of shape {tuple(stored[1])}")
+
+
+def _unpack_checked(path: Path, name: str, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
-        raise ValueError(f"{path}: mask {name!r} should be {(n + 7) // 8} uint8 bytes for shape {tuple(shape)}, "
+        raise ValueError(f"{path}: mask {name!r} should be {(n + 7) // 8} uint8 bytes for shape {shape}, "
                          f"found {packed.dtype} of shape {tuple(packed.shape)}")
     if n % 8 and int(packed[-1]) >> (n % 8):
         raise ValueError(f"{path}: mask {name!r} has set bits past its last element")
-    return unpack_bits(packed, tuple(shape))
+    return unpack_bits(packed, shape)
 
 
 def _first_line(e: Exception) -> str:
