@@ -21,6 +21,10 @@ AdamW with linear warmup and linear decay to zero, gradient clipping at 1.0, hid
 Defaults (sized for 2 CPU cores): BertForMaskedLM, hidden 128, 4 layers, 4 heads, feed-forward
 512, 128-token sequences, batch 32, peak lr 1e-3, 1,500 steps (about 6M tokens, ~18 passes over
 the data), a checkpoint every 50 steps: 31 checkpoints of ~19 MB; one torch thread.
+Measured with the defaults (seed 0, one busy shared core): 1,484 s, 0.99 s/step; held-out
+masked-token loss 10.36 -> 6.73 and accuracy 0.00 -> 0.12, against 7.35 and 0.06 for a unigram
+(token-frequency) guess. The model is still early in training, in MLM's frequency plateau (its
+top guesses are mostly "the", ",", "of"); more --steps take it further.
 
 Output (each checkpoint is self-contained and written atomically: a hidden temporary folder
 renamed into place, so an interrupted run leaves only complete checkpoints):

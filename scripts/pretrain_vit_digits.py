@@ -23,7 +23,8 @@ Model: ViTForImageClassification from a ViTConfig, random init (seeded): one inp
 256. ``--image-size 16 --patch-size 4`` upsamples to 16x16 instead (the same 16 patch tokens);
 it was not better: validation accuracy 0.978 / 0.956 against 0.985 / 0.985 at 8x8 (seeds 0 / 1,
 137 validation images). AdamW (peak lr 2e-3, weight decay 0.05) with linear warmup and cosine
-decay, label smoothing 0.1, batch 64, 100 epochs (1,100 steps; about 70 s on one busy core).
+decay, label smoothing 0.1, batch 64, 100 epochs (1,100 steps; 70-90 s on one busy core).
+Measured with the defaults (seed 0): validation accuracy 0.985 (135 of 137), training accuracy 1.0.
 
 Output, written into a hidden folder next to OUT and renamed into place at the end (an
 interrupted run leaves nothing at OUT):
