@@ -75,6 +75,11 @@ def resolve_data(data: str) -> str:
     return "hub" if hub_reachable() else "local"
 
 
+def check_tasks(tasks: list[str], settings: EvalSettings) -> None:
+    """Refuse empty, repeated or unknown task names before any model is loaded."""
+    _task_manager(_check_tasks(tasks), resolve_data(settings.data))
+
+
 def _check_tasks(tasks: list[str]) -> list[str]:
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:

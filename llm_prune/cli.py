@@ -2,6 +2,15 @@
 
     llm-prune MODEL --method omp --sparsity 0.4 [--scope global] [--pattern 2:4] [--out DIR] [--eval mmlu]
     llm-prune eval PATH --tasks mmlu,ppl,arc_easy
+    llm-prune sweep MODEL --sparsities 0.1:0.7:0.05 --eval ppl       the essential-sparsity curve and its knee
+    llm-prune inspect MODEL --sparsity 0.4 --scope global            where the zeros are
+    llm-prune distributions MODEL [MODEL2]                           |w| histograms, zeros and near-zeros
+    llm-prune masks compare A B [C ...]                              keep-mask similarity (cosine, IoU)
+    llm-prune trace CHECKPOINT_DIRS...                               sparsity emerging over training
+    llm-prune report DIR                                             one markdown page of a study's results
+
+``llm-prune MODEL ...`` (or ``llm-prune prune MODEL ...``) prunes; every other verb is a module
+of ``llm_prune.commands`` (``eval``: ``llm_prune.eval.cli``) with ``add_arguments`` and ``run``.
 """
 
 from __future__ import annotations
@@ -16,6 +25,17 @@ from pathlib import Path
 from . import __version__
 from .errors import UserError
 
+# verb -> the module that defines it (add_arguments(parser), run(args) -> exit code)
+VERBS = {
+    "eval": "llm_prune.eval.cli",
+    "sweep": "llm_prune.commands.sweep",
+    "inspect": "llm_prune.commands.inspect",
+    "distributions": "llm_prune.commands.distributions",
+    "masks": "llm_prune.commands.masks",
+    "trace": "llm_prune.commands.trace",
+    "report": "llm_prune.commands.report",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .calibration import add_calibration_arguments
@@ -26,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="llm-prune",
-        description="One-shot pruning of pre-trained transformers, streamed one block at a time. "
-                    "`llm-prune eval PATH` evaluates a checkpoint (see `llm-prune eval --help`).",
+        description="One-shot pruning of pre-trained transformers, streamed one block at a time. Other verbs: "
+                    + ", ".join(f"`llm-prune {v}`" for v in VERBS) + " (each with its own --help).",
         epilog=f"Known names: {', '.join(sorted([*ALIASES, *EMBEDDED]))}. Default model: {DEFAULT_MODEL}.",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -48,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickled .bin weights (they can run code when loaded; only for trusted sources)")
+    p.add_argument("--save-mask", action="store_true",
+                   help="also write the keep-masks, bit-packed, as masks.safetensors (for `llm-prune masks compare`)")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--version", action="version", version=f"llm-prune {__version__}")
@@ -89,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if own:
             _own_process()
-        if argv[:1] == ["eval"]:
-            return _eval(argv[1:])
+        if argv[:1] and argv[0] in VERBS:
+            return _verb(argv[0], argv[1:])
         return _prune(build_parser().parse_args(argv[1:] if argv[:1] == ["prune"] else argv))
     except UserError as e:
         print(f"llm-prune: error: {e}", file=sys.stderr)
@@ -119,12 +141,14 @@ def _own_process() -> None:
     _fixed_mmap_threshold()
 
 
-def _eval(argv: list[str]) -> int:
-    from .eval import cli as eval_cli
+def _verb(name: str, argv: list[str]) -> int:
+    import importlib
 
-    p = argparse.ArgumentParser(prog="llm-prune eval", description="Evaluate a checkpoint directory (dense or exported).")
-    eval_cli.add_arguments(p)
-    return eval_cli.run(p.parse_args(argv))
+    module = importlib.import_module(VERBS[name])
+    p = argparse.ArgumentParser(prog=f"llm-prune {name}", description=module.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(p)
+    return module.run(p.parse_args(argv))
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -137,6 +161,8 @@ def _prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
                       scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude))
     calib = calib_config_from_args(args)
+    if args.no_save and args.save_mask:
+        raise UserError("--save-mask writes the masks beside an export; --no-save writes none (drop one of them)")
     if args.no_save and not args.eval:
         raise UserError("--no-save only makes sense with --eval (otherwise nothing would come out)")
     tasks = eval_cli.parse_tasks(args.eval) if args.eval else []
@@ -162,7 +188,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     report = prune_checkpoint(src, cfg, out, fmt=args.format, calib=calib, source_name=args.model,
                               overwrite=args.overwrite, resume=args.resume, allow_pickle=args.allow_pickle,
-                              progress=progress)
+                              progress=progress, save_mask=args.save_mask)
     print(json.dumps(report, indent=2) if args.json else format_summary(report, out))
     if not tasks:
         return 0

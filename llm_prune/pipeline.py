@@ -36,6 +36,7 @@ from .methods import Method, get_method, prune_
 from .reader import SAFE_INDEX, SPARSE_INDEX, CheckpointReader, TensorInfo, Unit
 from .report import build_report
 from .sequential import prune_sequential, saved_inputs_bytes
+from .study.compare import MASK_FILE
 from .targets import select_targets
 from .writer import Arena, ShardWriter, check_free_space
 
@@ -63,12 +64,14 @@ class Run:
 
 def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt: str = "dense", calib: CalibConfig | None = None,
                      source_name: str | None = None, overwrite: bool = False, resume: bool = False,
-                     allow_pickle: bool = False, progress: bool = True) -> dict:
+                     allow_pickle: bool = False, progress: bool = True, save_mask: bool = False) -> dict:
     """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload.
 
     ``fmt`` stores the pruned targets as ``dense`` (zeros in place, loadable by anything),
     ``bitmask`` or ``packed24`` (see llm_prune.kernels.formats; loaded by ``llm_prune.load``).
     Calibration methods (SparseGPT, Wanda) run sequentially over the blocks with ``calib``.
+    ``save_mask`` adds the targets' keep-masks, bit-packed, as ``masks.safetensors`` (what
+    ``llm-prune masks compare`` reads without the weights).
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -99,8 +102,22 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     report = {**build_report(run, source_name or str(src), file_hashes, t0), **extra}
     weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
     index = {"metadata": {"total_size": report["run"]["output_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
-    writer.finish(index, src, {"sparsity.json": report})
+    if save_mask:
+        report["masks"] = MASK_FILE
+    writer.finish(index, src, {"sparsity.json": report}, before_publish=_write_masks if save_mask else None)
     return report
+
+
+def _write_masks(directory: Path) -> None:
+    """The keep-masks of the finished export's targets, read back one at a time (any format)."""
+    from .study.compare import CheckpointMasks
+    from .study.similarity import MaskWriter
+
+    source = CheckpointMasks(directory)
+    meta = {k: v for k, v in source.info.items() if v is not None}
+    with MaskWriter(directory / MASK_FILE, source.shapes, {k: str(v) for k, v in meta.items()}) as masks:
+        for name in source.shapes:
+            masks.add(name, source.keep(name))
 
 
 def check_format(units: list[Unit], infos: dict[str, TensorInfo], arch, cfg: PruneConfig, fmt: str) -> None:

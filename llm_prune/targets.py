@@ -30,7 +30,7 @@ def select_targets(units: list[Unit], infos: dict[str, TensorInfo], arch: Arch, 
         for name in unit.names:
             rel = arch.block_of(name)[1]
             info = infos[name]
-            if len(info.shape) != 2 or not _matches(rel, name, cfg.targets) or _matches(rel, name, cfg.exclude):
+            if len(info.shape) != 2 or not matches(rel, name, cfg.targets) or matches(rel, name, cfg.exclude):
                 continue
             if info.dtype not in PRUNABLE_DTYPES:
                 raise UserError(f"{name} has dtype {info.dtype}; targets must be fp16, bf16 or fp32 (see --exclude)")
@@ -53,5 +53,6 @@ def target_order(units: list[Unit]) -> list[str]:
     return [n for u in units for n in u.targets]
 
 
-def _matches(rel: str, full: str, patterns) -> bool:
+def matches(rel: str, full: str, patterns) -> bool:
+    """``rel`` (the name inside the block) or ``full`` matches one of the globs."""
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(full, p) for p in patterns)

@@ -308,12 +308,15 @@ class ShardWriter:
     def records(self) -> dict:
         return self.progress["units"]
 
-    def finish(self, index: dict, side_src: Path, extra_json: dict[str, dict]) -> None:
-        """Write the index, copy side files, add extra JSON files, then publish atomically."""
+    def finish(self, index: dict, side_src: Path, extra_json: dict[str, dict], before_publish=None) -> None:
+        """Write the index, copy side files, add extra JSON files, then publish atomically.
+        ``before_publish(directory)`` may add files to the complete checkpoint first."""
         atomic_write_text(self.tmp / self.index_name, json.dumps(index, indent=2))
         copy_side_files(side_src, self.tmp)
         for name, payload in extra_json.items():
             atomic_write_text(self.tmp / name, json.dumps(payload, indent=2))
+        if before_publish is not None:
+            before_publish(self.tmp)
         (self.tmp / self.PROGRESS).unlink()
         if self.out.exists():  # only reachable with --overwrite: swap, then drop the old copy
             old = self.out.parent / f".{self.out.name}.old"

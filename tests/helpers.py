@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from llm_prune.calibration import embedded_passages
 from llm_prune.config import Sparsity
 from llm_prune.kernels.formats import decode_all
 from llm_prune.magnitude import nm_keep
@@ -92,3 +93,16 @@ def read_decoded(path: Path) -> dict[str, torch.Tensor]:
 
 def digest(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(path).glob("*.safetensors"))}
+
+
+def add_tokenizer(model_dir: Path) -> Path:
+    """A 128-token BPE trained on a few embedded passages, so the tiny models read real text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=128, limit_alphabet=90, special_tokens=["[UNK]"], show_progress=False)
+    tok.train_from_iterator(embedded_passages("calib")[:100], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
+    return model_dir

@@ -21,24 +21,11 @@ from llm_prune.sequential import prune_sequential
 from llm_prune.targets import select_targets
 from llm_prune.writer import ShardWriter
 
-from .helpers import digest, load_dir, read_decoded as decoded
+from .helpers import add_tokenizer, digest, load_dir, read_decoded as decoded
 from .conftest import save_tiny, tiny_opt_config
 
 CASES = [("sparsegpt", Sparsity(0.5)), ("sparsegpt", Sparsity(0.5, 2, 4)), ("wanda", Sparsity(0.6)),
          ("wanda", Sparsity(0.5, 2, 4))]
-
-
-def add_tokenizer(model_dir: Path) -> Path:
-    """A 128-token BPE trained on a few embedded passages, so the tiny models read real text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=128, limit_alphabet=90, special_tokens=["[UNK]"], show_progress=False)
-    tok.train_from_iterator(embedded_passages("calib")[:100], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
-    return model_dir
 
 
 @pytest.fixture

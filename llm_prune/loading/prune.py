@@ -33,13 +33,15 @@ class PruneState:
     # Per target: (key, ties) of the applied threshold, and the key table, when known.
     applied: dict[str, tuple[int, int]] = field(default_factory=dict)
     tables: dict[str, KeyTable] = field(default_factory=dict)
+    checkpoint_names: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint name
 
     def renamed(self, names: dict[str, str]) -> "PruneState":
         """The same state under the model's parameter names (``names``: checkpoint -> model)."""
         return PruneState(self.config, self.weight_in_first, self.prune_dtype,
                           [names[n] for n in self.order if n in names],
                           {names[n]: v for n, v in self.applied.items() if n in names},
-                          {names[n]: v for n, v in self.tables.items() if n in names})
+                          {names[n]: v for n, v in self.tables.items() if n in names},
+                          {names[n]: n for n in self.order if n in names})
 
 
 class LoadPruner:

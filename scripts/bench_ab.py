@@ -1,0 +1,94 @@
+"""Time the same llm-prune commands on two versions of the code, side by side, alternating.
+
+    git worktree add /tmp/llm-prune-base <commit>       # the "before" code, anywhere on disk
+    python scripts/bench_ab.py --base /tmp/llm-prune-base --rounds 5 --json benchmarks/ab.json
+
+Each round runs every case once with the base code and once with this checkout, in alternating
+order (base first on even rounds), each in a fresh process, so drift on a noisy machine hits both
+sides alike. Reports the median wall time of each side and their ratio (this / base). The base
+code and this checkout are each put on PYTHONPATH through a small tree of links (``kernels/`` and
+``eval/`` mapped under the package, as setuptools installs them), so nothing needs installing.
+
+Cases: ``import`` (``import llm_prune``), ``startup`` (``llm-prune --version``: the CLI with its
+imports), and SmolLM2 exports (OMP layer 0.5, global 0.4, 2:4) into a scratch directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def cases(out: Path) -> dict[str, list[str]]:
+    export = [sys.executable, "-m", "llm_prune", "smollm2-135m", "--quiet", "--overwrite", "--out", str(out / "x")]
+    return {
+        "import": [sys.executable, "-c", "import llm_prune"],
+        "startup": [sys.executable, "-m", "llm_prune", "--version"],
+        "export omp 0.5": [*export, "--method", "omp", "--sparsity", "0.5"],
+        "export omp 0.4 global": [*export, "--method", "omp", "--sparsity", "0.4", "--scope", "global"],
+        "export omp 2:4": [*export, "--method", "omp", "--pattern", "2:4"],
+    }
+
+
+def linked_tree(base: Path, root: Path) -> Path:
+    """``root/llm_prune`` holding links to the base checkout's package, kernels and eval."""
+    pkg = root / "llm_prune"
+    pkg.mkdir(parents=True)
+    for f in (base / "llm_prune").iterdir():
+        (pkg / f.name).symlink_to(f)
+    (pkg / "kernels").symlink_to(base / "kernels")
+    (pkg / "eval").symlink_to(base / "eval")
+    return root
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", type=Path, required=True, help="a checkout of the code to compare against")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--only", nargs="+", help="case names to run (default: all)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llm-prune-ab-"))
+    try:
+        sides = {"base": {**os.environ, "PYTHONPATH": str(linked_tree(args.base.resolve(), work / "base"))},
+                 "this": {**os.environ, "PYTHONPATH": str(linked_tree(HERE, work / "this"))}}
+        todo = {k: v for k, v in cases(work).items() if not args.only or k in args.only}
+        for name, cmd in todo.items():  # warm-up: numba caches, page cache, the converted SmolLM2
+            for env in sides.values():
+                timed(cmd, env)
+        times: dict[str, dict[str, list[float]]] = {k: {"base": [], "this": []} for k in todo}
+        for r in range(args.rounds):
+            for name, cmd in todo.items():
+                for side in (["base", "this"] if r % 2 == 0 else ["this", "base"]):
+                    times[name][side].append(timed(cmd, sides[side]))
+        rows = {}
+        print(f"{'case':<24}{'base s':>9}{'this s':>9}{'ratio':>8}   (median of {args.rounds}, alternating)")
+        for name, t in times.items():
+            b, n = statistics.median(t["base"]), statistics.median(t["this"])
+            rows[name] = {"base_s": b, "this_s": n, "ratio": n / b, "base_all": t["base"], "this_all": t["this"]}
+            print(f"{name:<24}{b:9.2f}{n:9.2f}{n / b:8.2f}")
+        if args.json:
+            args.json.write_text(json.dumps({"base": str(args.base), "rounds": args.rounds, "cases": rows}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
