@@ -8,6 +8,7 @@
     llm-prune masks compare A B [C ...]                              keep-mask similarity (cosine, IoU)
     llm-prune trace CHECKPOINT_DIRS...                               sparsity emerging over training
     llm-prune report DIR                                             one markdown page of a study's results
+    llm-prune finetune minilm-l6 --task sst2 --method omp|lth        prune, fine-tune with the mask held, vs dense
 
 ``llm-prune MODEL ...`` (or ``llm-prune prune MODEL ...``) prunes; every other verb is a module
 of ``llm_prune.commands`` (``eval``: ``llm_prune.eval.cli``) with ``add_arguments`` and ``run``.
@@ -33,6 +34,7 @@ VERBS = {
     "distributions": "llm_prune.commands.distributions",
     "masks": "llm_prune.commands.masks",
     "trace": "llm_prune.commands.trace",
+    "finetune": "llm_prune.commands.finetune",
     "report": "llm_prune.commands.report",
 }
 

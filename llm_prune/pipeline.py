@@ -64,14 +64,16 @@ class Run:
 
 def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt: str = "dense", calib: CalibConfig | None = None,
                      source_name: str | None = None, overwrite: bool = False, resume: bool = False,
-                     allow_pickle: bool = False, progress: bool = True, save_mask: bool = False) -> dict:
+                     allow_pickle: bool = False, progress: bool = True, save_mask: bool = False,
+                     extra_report: dict | None = None) -> dict:
     """Prune the checkpoint at ``src`` into ``out``; returns the ``sparsity.json`` payload.
 
     ``fmt`` stores the pruned targets as ``dense`` (zeros in place, loadable by anything),
     ``bitmask`` or ``packed24`` (see llm_prune.kernels.formats; loaded by ``llm_prune.load``).
     Calibration methods (SparseGPT, Wanda) run sequentially over the blocks with ``calib``.
     ``save_mask`` adds the targets' keep-masks, bit-packed, as ``masks.safetensors`` (what
-    ``llm-prune masks compare`` reads without the weights).
+    ``llm-prune masks compare`` reads without the weights). ``extra_report`` adds fields to
+    ``sparsity.json`` (how a fine-tuned model was trained, say).
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -99,7 +101,7 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     except UserError:
         writer.abort()  # bad data: nothing half-written stays behind
         raise
-    report = {**build_report(run, source_name or str(src), file_hashes, t0), **extra}
+    report = {**build_report(run, source_name or str(src), file_hashes, t0), **extra, **(extra_report or {})}
     weight_map = {n: rec["file"] for rec in writer.records().values() for n in rec["tensors"]}
     index = {"metadata": {"total_size": report["run"]["output_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
     if save_mask:

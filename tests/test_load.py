@@ -312,3 +312,19 @@ def test_smollm2_set_sparsity_equals_fresh_load(smollm2_dir):
     model = from_pretrained(smollm2_dir, sparsity=0.5, scope="global", progress=False)
     set_sparsity(model, 0.6)
     assert_bitwise(model, from_pretrained(smollm2_dir, sparsity=0.6, scope="global", progress=False))
+
+
+def test_vit_loads_under_the_names_transformers_gives_it(tmp_path):
+    # transformers 5 renames ViT's weights when it loads them (attention.attention.query -> q_proj):
+    # the tensor-by-tensor loader follows the same renaming.
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    ref = ViTForImageClassification.from_pretrained(tmp_path / "vit")
+    assert_bitwise(load(tmp_path / "vit", progress=False), ref)
+    cfg = PruneConfig(sparsity=Sparsity(0.5), scope="global")
+    prune_checkpoint(tmp_path / "vit", cfg, tmp_path / "out", progress=False)
+    assert_bitwise(from_pretrained(tmp_path / "vit", sparsity=0.5, scope="global", progress=False),
+                   ViTForImageClassification.from_pretrained(tmp_path / "out"))

@@ -88,7 +88,7 @@ def _build(source: DenseSource, dtype: torch.dtype, where: Placement, transforms
     config = AutoConfig.from_pretrained(path)
     model = hf.empty_model(hf.model_class(config), config, dtype)
     model_keys = set(model.state_dict())
-    names = {n: k for n in source.infos if (k := _model_key(n, model_keys, model.base_model_prefix))}
+    names = hf.model_names(model, list(source.infos))
     unexpected = sorted(set(source.infos) - set(names))
     if unexpected:
         log.info("%d checkpoint tensors the model has no place for, ignored (first: %s)", len(unexpected), unexpected[0])
@@ -216,7 +216,7 @@ def _param_dtype(key: str, dtype: torch.dtype, dtype_plan: dict) -> torch.dtype:
     return dtype
 
 
-def _model_key(name: str, keys: set[str], prefix: str) -> str | None:
+def model_key(name: str, keys: set[str], prefix: str) -> str | None:
     """The model's name for a checkpoint tensor: as is, or with the base-model prefix added/removed
     (checkpoints saved from the bare model lack ``model.``; those of a head model loaded into the
     bare model have it)."""

@@ -37,6 +37,35 @@ def empty_model(cls, config, dtype):
         return cls._from_config(config, dtype=dtype)
 
 
+def model_names(model, checkpoint_names) -> dict[str, str]:
+    """Checkpoint name -> the model's name for that tensor, as transformers' own load renames it
+    (transformers 5 renames some families' weights when loading, e.g. ViT's
+    ``encoder.layer.0.attention.attention.query`` to ``layers.0.attention.q_proj``; a base-model
+    prefix is added or dropped). Names the model has no place for are left out. A family whose
+    load merges or splits tensors cannot be filled one tensor at a time: refused in one line."""
+    keys = set(model.state_dict())
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no renaming at load
+        from .build import model_key
+
+        return {n: k for n in checkpoint_names if (k := model_key(n, keys, model.base_model_prefix))}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    out = {}
+    for name in checkpoint_names:
+        key, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        if converter is not None:
+            raise UserError(f"transformers merges or splits {name} when it loads a {model.config.model_type} model; "
+                            "llm-prune fills models one tensor at a time and cannot load this family")
+        if key in keys:
+            out[name] = key
+    return out
+
+
 def dtype_plan(model, dtype) -> dict:
     """Modules the model keeps in a dtype of their own (``_keep_in_fp32_modules``)."""
     return model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}

@@ -158,6 +158,45 @@ def check_labels(labels: list[str], n: int) -> list[str]:
     return labels
 
 
+class _Renamed:
+    """A source seen under another input's tensor names (a base-model prefix added or dropped)."""
+
+    def __init__(self, src, names: dict[str, str]):
+        self.src, self.names = src, names
+        self.kind, self.path, self.info = src.kind, src.path, src.info
+        self.shapes = {ours: src.shapes[theirs] for ours, theirs in names.items()}
+
+    def keep(self, name: str) -> torch.Tensor:
+        return self.src.keep(self.names[name])
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def align(first: dict, src):
+    """``src`` under ``first``'s names when they differ only by one leading component on one side
+    (``encoder.layer.0...`` in a BertModel export, ``bert.encoder.layer.0...`` in a classifier's):
+    the same tensors, saved from a bare model and from a model with a head."""
+    theirs = set(src.shapes)
+    if set(first) == theirs:
+        return src
+    for mapping in (_without_prefix(first), _with_prefix(first, theirs)):
+        if mapping is not None and set(mapping.values()) == theirs:
+            return _Renamed(src, mapping)
+    return src
+
+
+def _without_prefix(names) -> dict | None:
+    if len({n.split(".", 1)[0] for n in names}) != 1 or any("." not in n for n in names):
+        return None
+    return {n: n.split(".", 1)[1] for n in names}
+
+
+def _with_prefix(names, theirs: set) -> dict | None:
+    prefixes = {n.split(".", 1)[0] for n in theirs}
+    return {n: f"{prefixes.pop()}.{n}" for n in names} if len(prefixes) == 1 else None
+
+
 def check_same_targets(sources: list, labels: list[str]) -> None:
     """One line naming the first tensor that an input lacks, or whose shape differs, against the first input."""
     first = sources[0].shapes
@@ -186,7 +225,8 @@ def compare_sources(paths: list[str | Path], labels: list[str] | None = None, pr
     sources = []
     try:
         for p in paths:
-            sources.append(open_masks(p))
+            src = open_masks(p)
+            sources.append(src if not sources else align(sources[0].shapes, src))
         check_same_targets(sources, labels)
         order = sorted(sources[0].shapes, key=_visit_key)
         counts, kept = _count(sources, order, progress)
