@@ -194,7 +194,10 @@ def _without_prefix(names) -> dict | None:
 
 def _with_prefix(names, theirs: set) -> dict | None:
     prefixes = {n.split(".", 1)[0] for n in theirs}
-    return {n: f"{prefixes.pop()}.{n}" for n in names} if len(prefixes) == 1 else None
+    if len(prefixes) != 1:
+        return None
+    prefix = prefixes.pop()
+    return {n: f"{prefix}.{n}" for n in names}
 
 
 def check_same_targets(sources: list, labels: list[str]) -> None:
