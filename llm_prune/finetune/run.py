@@ -79,7 +79,7 @@ def run_finetune(src: Path, cfg: FinetuneConfig, out, *, fmt: str = "dense", pro
     dense = [dense_run(src, task, cfg, seed, progress) for seed in cfg.seeds]
     pruned = []
     for i, seed in enumerate(cfg.seeds):
-        result, model, processor = pruned_run(src, task, cfg, seed, out, progress)
+        result, model, processor = pruned_run(src, task, cfg, seed, out.tmp, out / "masks", progress)
         pruned.append(result)
         if i == 0:
             export(model, processor, task, cfg, out / "checkpoint", fmt, result, source_name or str(src))
@@ -118,21 +118,24 @@ def dense_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, progress: b
     return result
 
 
-def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, out, progress: bool):
-    """(result, the fine-tuned sparse model, its tokenizer or image processor) for one seed."""
+def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, work: Path, masks: Path | None,
+               progress: bool):
+    """(result, the fine-tuned sparse model, its tokenizer or image processor) for one seed; scratch
+    files go under ``work``, and the first seed's keep-masks into the folder ``masks`` (None: kept nowhere)."""
     from ..pipeline import prune_checkpoint
-    from .lth import lottery_ticket, mask_path, snapshot
+    from .lth import lottery_ticket, snapshot
     from .mask_keeper import MaskKeeper
 
     train = _seeded(cfg.train, seed)
-    with tempfile.TemporaryDirectory(dir=out.tmp) as scratch:
+    keep_masks = masks is not None and seed == cfg.seeds[0]
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
         if cfg.method == "lth":
             model, processor = load_classifier(src, task, seed)
             targets = target_params(model, src, cfg)
             runs = lottery_ticket(model, snapshot(model), targets, cfg.sparsity.ratio, cfg.rounds, cfg.scope,
                                   lambda m, keeper: finetune(m, processor, task, train, keeper=keeper, progress=progress),
-                                  lambda r, masks: _save_masks(mask_path(out.tmp, r) if seed == cfg.seeds[0] else None,
-                                                               masks, cfg, r))
+                                  lambda r, m: _save_masks(masks / f"lth-round-{r}.safetensors" if keep_masks else None,
+                                                           m, cfg, r))
             result = {"seed": seed, **runs["final"], "rounds": runs["rounds"],
                       "per_round_fraction": runs["per_round_fraction"]}
         else:
@@ -141,8 +144,8 @@ def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, out, progr
             model, processor = load_classifier(pruned_dir, task, seed)
             targets = target_params(model, pruned_dir, cfg)
             keeper = MaskKeeper.from_zeros(model, list(targets))
-            if seed == cfg.seeds[0]:
-                _save_masks(out / "masks" / "omp.safetensors", {targets[n]: m for n, m in keeper.masks.items()}, cfg, 0)
+            if keep_masks:
+                _save_masks(masks / f"{cfg.method}.safetensors", {targets[n]: m for n, m in keeper.masks.items()}, cfg, 0)
             result = {"seed": seed, **finetune(model, processor, task, train, keeper=keeper, progress=progress)}
     params = dict(model.named_parameters())
     zeros = sum(int((params[n] == 0).sum()) for n in targets)

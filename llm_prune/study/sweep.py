@@ -69,28 +69,22 @@ class SweepConfig:
         return d
 
 
-def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None, progress: bool = True,
+def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None, finetune=None, progress: bool = True,
               source_name: str | None = None) -> tuple[dict, dict]:
     """Evaluate dense and every level not already in ``out``; returns (sweep.json's payload, the
-    ``Knee`` of each curve)."""
-    from ..eval.api import dense_results
-    from ..eval.harness import check_tasks, resolve_data
-
-    check_tasks(list(cfg.tasks), settings)
-    method = get_method(cfg.method)
-    cfg.prune_config(cfg.levels[0])  # every level's settings checked before any work
-    for lv in cfg.levels:
-        method.check(cfg.prune_config(lv))
-    key = {**cfg.key(), "source": str(Path(src).resolve()), "eval": _eval_key(settings, resolve_data(settings.data)),
-           "calibration": calib.to_json() if calib is not None and method.needs_calibration else None}
+    ``Knee`` of each curve). With ``finetune`` (a ``finetune.run.FinetuneConfig``) each level, and
+    dense, is fine-tuned on its task and measured there (the paper's encoder curves)."""
+    if finetune is not None:
+        key = {**cfg.key(), "source": str(Path(src).resolve()), "finetune": finetune.to_json()}
+        make, dense = _finetuned(src, cfg, finetune, out, progress)
+    else:
+        make, dense, key = _evaluated(src, cfg, settings, calib, out, progress)
     key = json.loads(json.dumps(key))  # as it reads back from a level's file (tuples become lists)
     done = _finished_levels(out, key)
     todo = [lv for lv in cfg.levels if lv.label not in done]
-    dense = dense_results(src, list(cfg.tasks), settings)
     if todo:
-        make = _levels_exported if method.needs_calibration else _levels_in_memory
         bar = tqdm(total=len(todo), desc=f"sweep {cfg.method}", unit="level", disable=not progress)
-        for level, record in make(src, cfg, todo, settings, out, calib, progress):
+        for level, record in make(todo):
             out.write_json(f"levels/{level.label}.json", {"key": key, **record})
             done[level.label] = record
             bar.update()
@@ -98,6 +92,48 @@ def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None,
         bar.close()
     records = [done[lv.label] for lv in sorted(cfg.levels, key=lambda lv: lv.ratio)]
     return summarize(cfg, records, dense, source_name or str(src))
+
+
+def _evaluated(src: Path, cfg: SweepConfig, settings, calib, out: Output, progress: bool):
+    """(level maker, dense results, resume key) for a sweep measured by evaluation."""
+    from ..eval.api import dense_results
+    from ..eval.harness import check_tasks, resolve_data
+
+    check_tasks(list(cfg.tasks), settings)
+    method = get_method(cfg.method)
+    for lv in cfg.levels:  # every level's settings checked before any work
+        method.check(cfg.prune_config(lv))
+    key = {**cfg.key(), "source": str(Path(src).resolve()), "eval": _eval_key(settings, resolve_data(settings.data)),
+           "calibration": calib.to_json() if calib is not None and method.needs_calibration else None}
+    levels = _levels_exported if method.needs_calibration else _levels_in_memory
+    make = lambda todo: levels(src, cfg, todo, settings, out, calib, progress)  # noqa: E731
+    return make, dense_results(src, list(cfg.tasks), settings), key
+
+
+def _finetuned(src: Path, cfg: SweepConfig, ft, out: Output, progress: bool):
+    """(level maker, dense results) for a sweep measured by fine-tuning each level on a task."""
+    from dataclasses import replace
+
+    from ..finetune.run import _task, as_eval_result, dense_run, pruned_run
+
+    for lv in cfg.levels:  # every level's settings checked before any work
+        replace(ft, sparsity=lv)
+    task = _task(src, ft)
+    dense = as_eval_result([dense_run(src, task, ft, seed, progress) for seed in ft.seeds], task)
+
+    def make(todo):
+        for level in sorted(todo, key=lambda lv: lv.ratio):
+            t0 = time.perf_counter()
+            lvl = replace(ft, sparsity=level)
+            runs = [pruned_run(src, task, lvl, seed, out.tmp, out / "masks" / level.label, progress)[0]
+                    for seed in ft.seeds]
+            yield level, {"label": level.label, "sparsity": level.ratio,
+                          "pattern": f"{level.n}:{level.m}" if level.is_nm else None,
+                          "achieved": sum(r["achieved"] for r in runs) / len(runs), "how": "pruned, then fine-tuned",
+                          "prune_s": 0.0, "eval_s": round(time.perf_counter() - t0, 3),
+                          "result": as_eval_result(runs, task), "runs": runs}
+
+    return make, dense
 
 
 def _eval_key(settings, data: str) -> dict:
