@@ -50,14 +50,13 @@ def evaluate_path(path: str | Path, tasks: list[str], settings: EvalSettings = E
 
 
 def _distributed_hflm(path: Path, settings: EvalSettings, tokenizer):
-    from lm_eval.models.huggingface import HFLM
-
+    from .harness import counting_hflm
     from .load import load_tokenizer
 
     load_tokenizer(path, tokenizer)  # fail early, with our message, when there is none
     kw = model_kwargs(settings)
     # HFLM's own loader places the replica on this rank's device; it forwards the rest to from_pretrained.
-    return HFLM(pretrained=str(path), tokenizer=str(tokenizer or path), batch_size=settings.batch_size,
+    return counting_hflm(pretrained=str(path), tokenizer=str(tokenizer or path), batch_size=settings.batch_size,
                 max_batch_size=settings.max_batch_size, device=pick_device(settings.device), **kw)
 
 

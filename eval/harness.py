@@ -115,20 +115,18 @@ def _lm_eval_task(lm, name: str, data: str, manager, settings: EvalSettings) -> 
         if unknown:
             raise UserError(f"unknown MMLU subject(s): {', '.join(unknown)}")
         requested = [f"{task}_{s}" for s in settings.mmlu_subjects]
-    counter = _count_requests(lm)
-    try:
-        res = simple_evaluate(lm, tasks=requested, num_fewshot=settings.fewshot if is_mmlu else settings.task_fewshot,
-                              limit=settings.limit, task_manager=manager, log_samples=False,
-                              random_seed=settings.seed, numpy_random_seed=settings.seed,
-                              torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, bootstrap_iters=0)
-    finally:
-        counter.restore()
+    requests0, seconds0 = getattr(lm, "requests", 0), getattr(lm, "seconds", 0.0)
+    res = simple_evaluate(lm, tasks=requested, num_fewshot=settings.fewshot if is_mmlu else settings.task_fewshot,
+                          limit=settings.limit, task_manager=manager, log_samples=False,
+                          random_seed=settings.seed, numpy_random_seed=settings.seed,
+                          torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, bootstrap_iters=0)
+    requests, seconds = getattr(lm, "requests", 0) - requests0, getattr(lm, "seconds", 0.0) - seconds0
     if res is None:
         return None
     protocol = {"lm_eval_task": task, "data": local_desc if data == "local" else f"lm-eval hub dataset of {hub}",
                 "fewshot": settings.fewshot if is_mmlu else settings.task_fewshot, "limit": settings.limit}
-    throughput = {"requests": counter.requests, "model_seconds": round(counter.seconds, 3),
-                  "requests_per_s": round(counter.requests / counter.seconds, 3) if counter.seconds else None}
+    throughput = {"requests": requests, "model_seconds": round(seconds, 3),
+                  "requests_per_s": round(requests / seconds, 3) if seconds else None}
     if is_mmlu:
         return _mmlu_entry(res, task, protocol, throughput)
     r = res["results"][task]
@@ -157,33 +155,33 @@ def _mmlu_entry(res: dict, task: str, protocol: dict, throughput: dict) -> dict:
             "throughput": throughput}
 
 
-class _count_requests:
-    """Counts the loglikelihood requests lm-eval sends and the time the model spends on them."""
+def counting_hflm(**kwargs):
+    """lm-eval's ``HFLM``, counting the requests it serves and the seconds the model spends on them."""
+    from lm_eval.models import huggingface as hf
 
-    def __init__(self, lm):
-        self.lm, self.requests, self.seconds = lm, 0, 0.0
-        self.originals = {}
-        for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-            original = getattr(lm, kind)
-            self.originals[kind] = original
+    class CountingHFLM(hf.HFLM):
+        requests, seconds = 0, 0.0
 
-            def wrapped(requests, *a, _original=original, **kw):
-                t0 = time.perf_counter()
-                out = _original(requests, *a, **kw)
-                self.seconds += time.perf_counter() - t0
-                self.requests += len(requests)
-                return out
+        def _counted(self, serve, requests, *a, **kw):
+            t0 = time.perf_counter()
+            out = serve(requests, *a, **kw)
+            self.seconds += time.perf_counter() - t0
+            self.requests += len(requests)
+            return out
 
-            setattr(lm, kind, wrapped)
+        def loglikelihood(self, requests, *a, **kw):
+            return self._counted(super().loglikelihood, requests, *a, **kw)
 
-    def restore(self):
-        for kind in self.originals:
-            delattr(self.lm, kind)  # the instance attribute goes; the class method shows again
+        def loglikelihood_rolling(self, requests, *a, **kw):
+            return self._counted(super().loglikelihood_rolling, requests, *a, **kw)
+
+        def generate_until(self, requests, *a, **kw):
+            return self._counted(super().generate_until, requests, *a, **kw)
+
+    return CountingHFLM(**kwargs)
 
 
 def _hflm(model, tokenizer, settings: EvalSettings):
-    from lm_eval.models.huggingface import HFLM
-
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the tables
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+    return counting_hflm(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
                 max_batch_size=settings.max_batch_size)

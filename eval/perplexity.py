@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import REFERENCE_SEQLEN
 from ..errors import UserError
 from ..runtime import datasets_offline, hub_reachable
 
@@ -88,9 +89,9 @@ def ppl_text(data: str) -> tuple[str, dict]:
 
 
 def default_seqlen(model) -> int:
-    """2048 (the LLaMA protocol of SparseGPT/Wanda), or the model's context if shorter."""
+    """The reference window (the LLaMA protocol of SparseGPT/Wanda), or the model's context if shorter."""
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return min(2048, ctx) if ctx else 2048
+    return min(REFERENCE_SEQLEN, ctx) if ctx else REFERENCE_SEQLEN
 
 
 def perplexity_task(model, tokenizer, settings, *, rank: int = 0, world_size: int = 1) -> dict:

