@@ -228,3 +228,25 @@ def test_sweep_with_finetune_gives_the_encoder_curve_and_its_knee(tmp_path, caps
                  "--quiet"]) == 0
     cosine = json.loads((tmp_path / "c" / "masks.json").read_text())["pairs"][0]["overall"]["cosine"]
     assert 0 < cosine < 1
+
+
+@pytest.mark.slow
+def test_data_parallel_plumbing_under_accelerate_launch_on_cpu(tmp_path):
+    """Two gloo processes on the CPU: both train (the Trainer's DDP), rank 0 alone writes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("the accelerate launcher is not on PATH")
+    src, task = tiny_bert(tmp_path / "bert"), sentiment_csv(tmp_path / "sentiment.csv")
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "llm_prune.cli", "finetune", str(src), "--task", str(task),
+           "--max-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "ft"), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert payload["world_size"] == 2 and payload["pruned"][0]["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "cache", "ft", "sentiment.csv"]  # one output

@@ -3,12 +3,13 @@
     llm-prune finetune minilm-l6 --task sst2 --method omp --sparsity 0.5
     llm-prune finetune minilm-l6 --task rte --method lth --rounds 3 --sparsity 0.5 --seeds 0,1,2
     llm-prune finetune vit-digits --task digits --method omp --sparsity 0.4 --scope global
-    accelerate launch --num_processes 2 -m llm_prune.cli finetune ...      data parallel, as the Trainer does it
+    accelerate launch --multi_gpu --num_processes 2 -m llm_prune.cli finetune ...   data parallel (gloo on CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from . import add_output_arguments, add_selection_arguments, default_out, finish
 
@@ -74,11 +75,20 @@ def run(args: argparse.Namespace) -> int:
     from ..models import resolve_model
     from ..study.output import Output
 
+    import os
+    import tempfile
+
     cfg = config_from_args(args)
     src = resolve_model(args.model)
     task_name = cfg.task.rstrip("/").split("/")[-1]
-    out = Output(args.out or default_out(args.model, f"finetune-{task_name}-{cfg.method}-{cfg.sparsity.label}"),
-                 overwrite=args.overwrite)
+    final = args.out or default_out(args.model, f"finetune-{task_name}-{cfg.method}-{cfg.sparsity.label}")
+    rank = int(os.environ.get("RANK", "0"))  # under accelerate launch every rank trains; rank 0 writes
+    if rank != 0:
+        with tempfile.TemporaryDirectory() as scratch:
+            run_finetune(src, cfg, Output(Path(scratch) / "out"), fmt=args.format, progress=False,
+                         source_name=args.model, export_model=False)
+        return 0
+    out = Output(final, overwrite=args.overwrite)
     try:
         payload = run_finetune(src, cfg, out, fmt=args.format, progress=not args.quiet, source_name=args.model)
     except BaseException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -72,16 +73,16 @@ class FinetuneConfig:
 
 
 def run_finetune(src: Path, cfg: FinetuneConfig, out, *, fmt: str = "dense", progress: bool = True,
-                 source_name: str | None = None) -> dict:
+                 source_name: str | None = None, export_model: bool = True) -> dict:
     """Dense vs pruned fine-tuning over ``cfg.seeds``; the first seed's sparse model is exported into
-    ``out/checkpoint``. Returns finetune.json's payload."""
+    ``out/checkpoint`` (``export_model``). Returns finetune.json's payload."""
     task = _task(src, cfg)
     dense = [dense_run(src, task, cfg, seed, progress) for seed in cfg.seeds]
     pruned = []
     for i, seed in enumerate(cfg.seeds):
         result, model, processor = pruned_run(src, task, cfg, seed, out.tmp, out / "masks", progress)
         pruned.append(result)
-        if i == 0:
+        if i == 0 and export_model:
             export(model, processor, task, cfg, out / "checkpoint", fmt, result, source_name or str(src))
         del model
     return payload(src, task, cfg, dense, pruned, source_name or str(src))
@@ -105,7 +106,8 @@ def dense_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, progress: b
     """The dense model fine-tuned with these settings and seed: from the cache when it ran before."""
     from ..eval.results import checkpoint_id
 
-    key = {"checkpoint": checkpoint_id(src), "task": task.to_json(), "train": cfg.train.to_json(), "seed": seed}
+    key = {"checkpoint": checkpoint_id(src), "task": task.to_json(), "train": cfg.train.to_json(), "seed": seed,
+           "world_size": int(os.environ.get("WORLD_SIZE", "1"))}  # the global batch is per device x processes
     path = cache_dir() / "finetune-baselines" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
                                                  + ".json")
     try:
@@ -216,6 +218,7 @@ def payload(src: Path, task: Task, cfg: FinetuneConfig, dense: list[dict], prune
         d, p = summary(dense, metric), summary(pruned, metric)
         rows[metric] = {"dense": d, "pruned": p, "drop": d["mean"] - p["mean"]}
     return {"model": source_name, "source": str(src), "task": task.to_json(), "settings": cfg.to_json(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "metrics": rows, "dense": dense, "pruned": pruned,
             "achieved": statistics.fmean(r["achieved"] for r in pruned)}
 
