@@ -4,7 +4,7 @@
 
 1. Four sweeps, 0.10 to 0.70 in steps of 0.05: OMP layer, OMP global, Wanda and SparseGPT
    (calibrated on 32 x 512 tokens of the embedded text, seed 0), each measured by held-out token
-   perplexity (the first 8 windows of 2048 tokens of the held-out split) and ARC-Easy / PIQA (0-shot, the first
+   perplexity (the first 4 windows of 2048 tokens of the held-out split) and ARC-Easy / PIQA (0-shot, the first
    ``--limit`` validation questions), keep-masks saved per level. Each sweep is a plain
    ``llm-prune sweep`` run (resumable: rerunning this script continues where it stopped).
 2. Where the zeros are at 0.4 global (``llm-prune inspect``).
@@ -47,12 +47,12 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--levels", default="0.1:0.7:0.05")
-    p.add_argument("--limit", type=int, default=250, help="ARC-Easy / PIQA questions per level")
+    p.add_argument("--limit", type=int, default=200, help="ARC-Easy / PIQA questions per level")
     p.add_argument("--only", nargs="+", choices=list(SWEEPS), help="sweeps to run (default: all)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "study.log"
-    evals = ["--eval", "ppl,arc_easy,piqa", "--eval-limit", args.limit, "--eval-batch-size", "16", "--eval-ppl-windows", "8",
+    evals = ["--eval", "ppl,arc_easy,piqa", "--eval-limit", args.limit, "--eval-batch-size", "16", "--eval-ppl-windows", "4",
              "--eval-data", "local", "--save-mask", "--quiet"]
     seconds = {}
     for name, method in SWEEPS.items():
