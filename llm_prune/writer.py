@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .paths import atomic_write_text
+from .paths import atomic_write_text, publish_dir
 from .reader import SAFE_INDEX, WEIGHT_INDEXES, WEIGHT_SUFFIXES, FileBytes, Unit, safetensors_dtype_name
 
 
@@ -318,14 +318,7 @@ class ShardWriter:
         if before_publish is not None:
             before_publish(self.tmp)
         (self.tmp / self.PROGRESS).unlink()
-        if self.out.exists():  # only reachable with --overwrite: swap, then drop the old copy
-            old = self.out.parent / f".{self.out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
+        publish_dir(self.tmp, self.out)  # an existing output is only there with --overwrite
 
     def abort(self) -> None:
         """Drop the partial directory after a refused run, unless it holds an earlier run's

@@ -90,3 +90,18 @@ def test_a_method_gives_a_score_or_a_solve():
         Method("nothing", "gives neither")
     with pytest.raises(ValueError, match="a solve needs an observer"):
         Method("half", "a solve without its statistic", solve=lambda *a, **k: None)
+
+
+def test_the_sweep_takes_it_too(tmp_path, capsys):
+    """A method file the sweep has never heard of: not nested, so every level is pruned while loading."""
+    import json
+
+    from .conftest import save_tiny, tiny_llama_config
+    from .helpers import add_tokenizer
+
+    src = add_tokenizer(save_tiny(tmp_path / "ck", tiny_llama_config()))
+    assert main(["sweep", str(src), "--method", "random", "--sparsities", "0.2,0.4", "--eval", "ppl", "--eval-seqlen",
+                 "16", "--eval-ppl-windows", "4", "--eval-data", "local", "--out", str(tmp_path / "sw"), "--quiet"]) == 0
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [lv["how"] for lv in sweep["levels"]] == ["pruned while loading"] * 2
+    assert [round(lv["achieved"], 3) for lv in sweep["levels"]] == [0.2, 0.4]

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..paths import atomic_write_text
+from ..paths import atomic_write_text, publish_dir
 
 
 class Output:
@@ -67,15 +67,7 @@ class Output:
 
     def publish(self) -> Path:
         """Rename the finished directory into place (replacing an older result, when allowed)."""
-        if self.final.exists():
-            old = self.final.parent / f".{self.final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        return self.final
+        return publish_dir(self.tmp, self.final)
 
     def abort(self, keep: bool = False) -> None:
         """Drop the partial directory, unless it holds finished work a ``--resume`` continues from (``keep``)."""
