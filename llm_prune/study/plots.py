@@ -68,12 +68,13 @@ def _percent_axis(axis) -> None:
 
 def knee_plot(path, metric_name: str, levels: Sequence[float], values: Sequence[float], dense: float,
               knee: Knee, stderr: Sequence[float] | None = None, series_label: str | None = None,
-              extra_series: Mapping[str, Series | tuple] | None = None) -> Path:
+              extra_series: Mapping[str, Series | tuple] | None = None, log_y: bool | None = None) -> Path:
     """The metric vs sparsity, as the paper draws it: a dense line, the band within ε of dense
     (the levels that count as dense), and the essential sparsity as a labelled vertical line.
 
     ``extra_series`` maps a label to ``Series(levels, values, stderr=None, knee=None)`` (or a
     plain tuple in that order), e.g. OMP-layer vs OMP-global vs Wanda vs SparseGPT on one axes.
+    ``log_y`` (default: when a lower-is-better metric spans more than 10x) puts y on a log scale.
     """
     fig = _new_figure((6.4, 4.2))
     ax = fig.add_subplot()
@@ -88,6 +89,11 @@ def knee_plot(path, metric_name: str, levels: Sequence[float], values: Sequence[
                     marker="o", markersize=4, capsize=3, color=color, label=label)
         if s.knee is not None:
             _mark_knee(ax, s.knee, color, linestyle="--" if i == 0 else ":")
+    everything = [dense, *[v for c in curves.values() for v in c.values]]
+    if log_y is None:  # perplexity that explodes past the knee reads on a log axis
+        log_y = not knee.higher_is_better and min(everything) > 0 and max(everything) / min(everything) > 10
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("sparsity")
     ax.set_ylabel(metric_name + ("  (higher is better)" if knee.higher_is_better else "  (lower is better)"))
     _percent_axis(ax.xaxis)
