@@ -155,33 +155,34 @@ def _mmlu_entry(res: dict, task: str, protocol: dict, throughput: dict) -> dict:
             "throughput": throughput}
 
 
-def counting_hflm(**kwargs):
-    """lm-eval's ``HFLM``, counting the requests it serves and the seconds the model spends on them."""
+def counting_hflm(quiet: bool = False, **kwargs):
+    """lm-eval's ``HFLM``, counting the requests it serves and the seconds the model spends on
+    them; ``quiet`` turns its progress bars off."""
     from lm_eval.models import huggingface as hf
 
     class CountingHFLM(hf.HFLM):
         requests, seconds = 0, 0.0
 
-        def _counted(self, serve, requests, *a, **kw):
+        def _counted(self, serve, requests, disable_tqdm=False):
             t0 = time.perf_counter()
-            out = serve(requests, *a, **kw)
+            out = serve(requests, disable_tqdm=disable_tqdm or quiet)
             self.seconds += time.perf_counter() - t0
             self.requests += len(requests)
             return out
 
-        def loglikelihood(self, requests, *a, **kw):
-            return self._counted(super().loglikelihood, requests, *a, **kw)
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return self._counted(super().loglikelihood, requests, disable_tqdm)
 
-        def loglikelihood_rolling(self, requests, *a, **kw):
-            return self._counted(super().loglikelihood_rolling, requests, *a, **kw)
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return self._counted(super().loglikelihood_rolling, requests, disable_tqdm)
 
-        def generate_until(self, requests, *a, **kw):
-            return self._counted(super().generate_until, requests, *a, **kw)
+        def generate_until(self, requests, disable_tqdm=False):
+            return self._counted(super().generate_until, requests, disable_tqdm)
 
     return CountingHFLM(**kwargs)
 
 
 def _hflm(model, tokenizer, settings: EvalSettings):
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the tables
-    return counting_hflm(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-                max_batch_size=settings.max_batch_size)
+    return counting_hflm(quiet=not settings.progress, pretrained=model, tokenizer=tokenizer,
+                         batch_size=settings.batch_size, max_batch_size=settings.max_batch_size)
