@@ -76,7 +76,7 @@ def run_finetune(src: Path, cfg: FinetuneConfig, out, *, fmt: str = "dense", pro
                  source_name: str | None = None, export_model: bool = True) -> dict:
     """Dense vs pruned fine-tuning over ``cfg.seeds``; the first seed's sparse model is exported into
     ``out/checkpoint`` (``export_model``). Returns finetune.json's payload."""
-    task = _task(src, cfg)
+    task = prepare_task(src, cfg)
     dense = [dense_run(src, task, cfg, seed, progress) for seed in cfg.seeds]
     pruned = []
     for i, seed in enumerate(cfg.seeds):
@@ -88,7 +88,7 @@ def run_finetune(src: Path, cfg: FinetuneConfig, out, *, fmt: str = "dense", pro
     return payload(src, task, cfg, dense, pruned, source_name or str(src))
 
 
-def _task(src: Path, cfg: FinetuneConfig) -> Task:
+def prepare_task(src: Path, cfg: FinetuneConfig) -> Task:
     """The task, checked against the model and the pruning settings before any training."""
     from ..arch import arch_for
     from ..reader import CheckpointReader

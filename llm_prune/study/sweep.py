@@ -75,7 +75,8 @@ def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None,
     ``Knee`` of each curve). With ``finetune`` (a ``finetune.run.FinetuneConfig``) each level, and
     dense, is fine-tuned on its task and measured there (the paper's encoder curves)."""
     if finetune is not None:
-        key = {**cfg.key(), "source": str(Path(src).resolve()), "finetune": finetune.to_json()}
+        tuning = {k: v for k, v in finetune.to_json().items() if k not in ("sparsity", "pattern")}  # per level
+        key = {**cfg.key(), "source": str(Path(src).resolve()), "finetune": tuning}
         make, dense = _finetuned(src, cfg, finetune, out, progress)
     else:
         make, dense, key = _evaluated(src, cfg, settings, calib, out, progress)
@@ -114,11 +115,11 @@ def _finetuned(src: Path, cfg: SweepConfig, ft, out: Output, progress: bool):
     """(level maker, dense results) for a sweep measured by fine-tuning each level on a task."""
     from dataclasses import replace
 
-    from ..finetune.run import _task, as_eval_result, dense_run, pruned_run
+    from ..finetune.run import as_eval_result, dense_run, prepare_task, pruned_run
 
     for lv in cfg.levels:  # every level's settings checked before any work
         replace(ft, sparsity=lv)
-    task = _task(src, ft)
+    task = prepare_task(src, ft)
     dense = as_eval_result([dense_run(src, task, ft, seed, progress) for seed in ft.seeds], task)
 
     def make(todo):
