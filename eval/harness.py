@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
-from ..runtime import hub_reachable
+from ..runtime import hub_reachable, require
 from .mmlu import CATEGORIES, SUBJECTS, aggregate_categories
 from .perplexity import perplexity_task
 from .settings import EvalSettings
@@ -40,6 +40,7 @@ def evaluate(model, tokenizer, tasks: list[str], settings: EvalSettings = EvalSe
 
 def evaluate_lm(lm, tasks: list[str], settings: EvalSettings) -> dict | None:
     """Evaluate an lm-eval ``HFLM``; returns None on non-zero ranks of a data-parallel run."""
+    require("lm_eval", "evaluation")
     import lm_eval
 
     tasks = _check_tasks(tasks)
@@ -77,6 +78,7 @@ def resolve_data(data: str) -> str:
 
 def check_tasks(tasks: list[str], settings: EvalSettings) -> None:
     """Refuse empty, repeated or unknown task names before any model is loaded."""
+    require("lm_eval", "evaluation")
     _task_manager(_check_tasks(tasks), resolve_data(settings.data))
 
 

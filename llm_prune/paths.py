@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 
 def cache_dir() -> Path:
     """``$LLM_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/llm-prune``, else ``~/.cache/llm-prune``."""
@@ -49,3 +51,21 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     else:
         os.replace(tmp, final)
     return final
+
+
+def check_apart(out: Path, src: Path) -> None:
+    """Refuse an output that is the source, lies inside it, or holds it: a run must never write
+    into, over or around what it reads."""
+    out, src = Path(out).resolve(), Path(src).resolve()
+    if out == src or out.is_relative_to(src):
+        raise UserError(f"the output {out} is inside the checkpoint it is made from ({src}): choose another --out")
+    if src.is_relative_to(out):
+        raise UserError(f"the output {out} would contain the checkpoint it is made from ({src}): choose another --out")
+
+
+def make_dir(path: Path) -> None:
+    """``mkdir -p``, with a read-only or vanished location as one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path}: {e.strerror or e} (is the location read-only, or gone?)") from None

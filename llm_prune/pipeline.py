@@ -33,6 +33,7 @@ from .fingerprint import file_sha256
 from .kernels.formats import check_encodable, encode_all
 from .magnitude import NonFinite, Threshold, find_threshold
 from .methods import Method, get_method, prune_
+from .paths import check_apart
 from .reader import SAFE_INDEX, SPARSE_INDEX, CheckpointReader, TensorInfo, Unit
 from .report import build_report
 from .sequential import prune_sequential, saved_inputs_bytes
@@ -80,6 +81,7 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     method = get_method(cfg.method)
     method.check(cfg)
     calib = (calib or CalibConfig()) if method.needs_calibration else None
+    check_apart(out, src)
     reader = CheckpointReader(src, allow_pickle=allow_pickle)
     arch = arch_for(reader.config)
     units = reader.units(arch)

@@ -125,9 +125,21 @@ class CheckpointReader:
             return [PICKLE_SINGLE], None
         raise UserError(f"{p} has no {SAFE_SINGLE} or {SAFE_INDEX}")
 
+    def _check_inside(self, file: str) -> None:
+        """A file an index names is a plain name in the checkpoint directory, and what it resolves to
+        stays there (or in the Hugging Face cache's blob store of this repository): an index can
+        never make llm-prune read, or write beside, a file elsewhere."""
+        if not file or file != Path(file).name or file in (".", ".."):
+            raise UserError(f"the checkpoint index names {file!r}, which is not a file name inside {self.path}: refused")
+        real, home = (self.path / file).resolve(), self.path.resolve()
+        blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
+        if not (real.is_relative_to(home) or (blobs is not None and real.is_relative_to(blobs))):
+            raise UserError(f"{self.path / file} links outside the checkpoint directory (to {real}): refused")
+
     def _read_headers(self, weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
         for file in self.files:
+            self._check_inside(file)
             fpath = self.path / file
             if not fpath.is_file():
                 raise UserError(f"the checkpoint index names {file}, which is missing from {self.path}")
@@ -154,7 +166,14 @@ class CheckpointReader:
                     raise ValueError("header longer than the file")
                 header = json.loads(f.read(n))
             self.metadata[fpath.name] = header.pop("__metadata__", None) or {}
-            end = max((v["data_offsets"][1] for v in header.values()), default=0)
+            if not isinstance(self.metadata[fpath.name], dict):
+                raise ValueError("__metadata__ is not an object")
+            spans = sorted((_checked_entry(k, v), k) for k, v in header.items())
+            end = 0
+            for (begin, stop), name in spans:  # back to back, as the format lays them out
+                if begin != end:
+                    raise ValueError(f"{name}'s data starts at byte {begin} of the data, expected {end}")
+                end = stop
             if 8 + n + end != size:
                 raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
             with safe_open(fpath, "pt") as sf:  # the library's own validation too
@@ -249,7 +268,22 @@ class CheckpointReader:
                 f.close()
 
     def units(self, arch: Arch, max_rest_bytes: int | None = None) -> list[Unit]:
-        return group_units(self.infos, arch, max_rest_bytes)
+        units = group_units(self.infos, arch, max_rest_bytes)
+        check_layers(self.config, units, self.path)
+        return units
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def check_layers(config: dict, units: list[Unit], path: Path) -> None:
+    """The weights hold as many blocks as config.json says the model has: a mismatch is a
+    checkpoint whose config and weights belong to different models."""
+    declared = next((config[k] for k in LAYER_KEYS if isinstance(config.get(k), int)), None)
+    found = sum(1 for u in units if u.block is not None)
+    if declared is not None and found and declared != found:
+        raise UserError(f"{path}/config.json says the model has {declared} layers, the weights hold {found} blocks: "
+                        "config and weights do not belong together")
 
 
 def group_units(infos: dict[str, TensorInfo], arch: Arch, max_rest_bytes: int | None = None) -> list[Unit]:
@@ -277,6 +311,24 @@ def group_units(infos: dict[str, TensorInfo], arch: Arch, max_rest_bytes: int | 
     return units
 
 
+def _checked_entry(name: str, entry) -> tuple[int, int]:
+    """A header entry's data span, after checking its dtype, shape and span agree."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+        raise ValueError(f"{name} has no known dtype")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"{name} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{name} has invalid data offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _DTYPES[entry["dtype"]].itemsize != offsets[1] - offsets[0]:
+        raise ValueError(f"{name}: shape {shape} of {entry['dtype']} does not fill its {offsets[1] - offsets[0]} bytes")
+    return offsets[0], offsets[1]
+
+
 def _read_index(path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
@@ -284,4 +336,6 @@ def _read_index(path: Path) -> dict[str, str]:
         raise UserError(f"{path} is not a valid checkpoint index ({e!r})") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{path} has an empty weight_map")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise UserError(f"{path} maps tensor names to something other than file names")
     return weight_map

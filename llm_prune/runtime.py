@@ -44,6 +44,28 @@ def hub_reachable() -> bool:
         return False
 
 
+# module -> (its package on PyPI, the llm-prune extra that installs it)
+OPTIONAL = {
+    "lm_eval": ("lm-eval", "eval"),
+    "datasets": ("datasets", "eval"),
+    "gguf": ("gguf", "gguf"),
+    "matplotlib": ("matplotlib", "plot"),
+    "bitsandbytes": ("bitsandbytes", "quant"),
+    "sklearn": ("scikit-learn", "vision"),
+    "PIL": ("pillow", "vision"),
+}
+
+
+def require(module: str, what: str) -> None:
+    """One line saying which extra to install when an optional package is missing (never a
+    traceback from deep inside a command)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        package, extra = OPTIONAL[module]
+        raise UserError(f"{what} needs {package}: pip install 'llm-prune[{extra}]'")
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``name`` as a device (refused when it is none or this torch cannot use it); None picks
     CUDA when present, else the CPU."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .paths import atomic_write_text, publish_dir
+from .paths import atomic_write_text, make_dir, publish_dir
 from .reader import SAFE_INDEX, WEIGHT_INDEXES, WEIGHT_SUFFIXES, FileBytes, Unit, safetensors_dtype_name
 
 
@@ -241,7 +241,7 @@ class ShardWriter:
             self.progress = old
             os.truncate(log, good)  # a line torn by a kill goes, so the next appends parse
         else:
-            self.tmp.mkdir(parents=True)
+            make_dir(self.tmp)
             log.write_text(json.dumps({"run": run_key}) + "\n")
         self.resumed = len(self.progress["units"])  # units a previous run already finished
         self._lock = threading.Lock()
@@ -295,6 +295,9 @@ class ShardWriter:
             if e.errno == errno.ENOSPC:
                 raise UserError(f"no space left on the device while writing {self.out}; "
                                 "nothing was kept, free some space and run again") from None
+            if e.errno in (errno.ENOENT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise UserError(f"writing {self.out} failed: {e.strerror} (was the output location made "
+                                "read-only, or removed, during the run?)") from None
             raise
 
     def written_bytes(self) -> int:
@@ -354,7 +357,7 @@ def _read_log(path: Path) -> tuple[dict | None, int]:
 
 def check_free_space(directory: Path, needed: int) -> None:
     """Refuse to start a run that cannot fit (10% margin), instead of failing halfway."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory)
     free = shutil.disk_usage(directory).free
     if free < needed * 1.1:
         raise UserError(f"not enough disk space in {directory}: the output needs about "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime import require
 
 GLUE = {  # name -> (text fields, metric names)
     "sst2": (("sentence",), ("accuracy",)),
@@ -93,6 +94,7 @@ def _glue(name: str, seed: int, test_frac: float, data: str) -> Task:
         rows = lambda split_name: [{**{f: r[f] for f in fields}, "label": r["label"]} for r in ds[split_name]]  # noqa: E731
         return Task(name, "text", ds["train"].features["label"].names, rows("train"), rows("validation"),
                     f"GLUE {name} (hub): train split for fine-tuning, validation split for test", fields, metrics)
+    require("datasets", f"the {name} task")
     from datasets import load_from_disk
 
     from ..eval.data import olmo_datasets_dir
@@ -110,10 +112,9 @@ def _glue(name: str, seed: int, test_frac: float, data: str) -> Task:
 
 
 def _digits(seed: int, test_frac: float, model_dir: Path | None) -> Task:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise UserError("the digits task needs scikit-learn: pip install 'llm-prune[vision]'") from None
+    require("sklearn", "the digits task")
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     held = None
     if model_dir is not None and (Path(model_dir) / "split.json").is_file():
@@ -155,6 +156,7 @@ def _text_file(path: Path, seed: int, test_frac: float) -> Task:
 
 
 def _image_folder(path: Path, seed: int, test_frac: float) -> Task:
+    require("PIL", "an image-folder task")
     from PIL import Image
 
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())

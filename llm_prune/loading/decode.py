@@ -14,7 +14,7 @@ import torch
 
 from ..arch import Arch
 from ..kernels import formats
-from ..reader import CheckpointReader, TensorInfo, Unit, group_units
+from ..reader import CheckpointReader, TensorInfo, Unit, check_layers, group_units
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ class DenseSource:
         return any(d is not None for d, _ in self.recipe.values())
 
     def units(self, arch: Arch) -> list[Unit]:
-        return group_units(self.infos, arch)
+        units = group_units(self.infos, arch)
+        check_layers(self.reader.config, units, self.reader.path)
+        return units
 
     def file_of(self, name: str) -> str:
         """The file holding (the first stored part of) a dense tensor."""

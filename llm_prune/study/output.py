@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..paths import atomic_write_text, publish_dir
+from ..paths import atomic_write_text, make_dir, publish_dir
 
 
 class Output:
@@ -33,7 +33,7 @@ class Output:
             if resume and self.final.is_dir():  # extend a finished result: start from a copy of it
                 shutil.copytree(self.final, self.tmp)
             else:
-                self.tmp.mkdir(parents=True)
+                make_dir(self.tmp)
         self.resumed = resume
 
     def __truediv__(self, name: str) -> Path:
