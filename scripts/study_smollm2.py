@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--levels", default="0.1:0.7:0.05")
-    p.add_argument("--limit", type=int, default=200, help="ARC-Easy / PIQA questions per level")
+    p.add_argument("--limit", type=int, default=100, help="ARC-Easy / PIQA questions per level")
     p.add_argument("--only", nargs="+", choices=list(SWEEPS), help="sweeps to run (default: all)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
