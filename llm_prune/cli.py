@@ -9,6 +9,7 @@
     llm-prune trace CHECKPOINT_DIRS...                               sparsity emerging over training
     llm-prune report DIR                                             one markdown page of a study's results
     llm-prune finetune minilm-l6 --task sst2 --method omp|lth        prune, fine-tune with the mask held, vs dense
+    llm-prune verify EXPORT [--source DIR]                           an export checked against its sparsity.json
 
 ``llm-prune MODEL ...`` (or ``llm-prune prune MODEL ...``) prunes; every other verb is a module
 of ``llm_prune.commands`` (``eval``: ``llm_prune.eval.cli``) with ``add_arguments`` and ``run``.
@@ -35,6 +36,7 @@ VERBS = {
     "masks": "llm_prune.commands.masks",
     "trace": "llm_prune.commands.trace",
     "finetune": "llm_prune.commands.finetune",
+    "verify": "llm_prune.commands.verify",
     "report": "llm_prune.commands.report",
 }
 

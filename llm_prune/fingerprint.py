@@ -28,7 +28,7 @@ def file_sha256(path: Path) -> str:
     if known is not None:
         return known
     real, key = _memo_key(path)
-    digest = _sha256_mapped(real)
+    digest = sha256_of(real)
     memo_path = cache_dir() / "hashes.json"
     memo = {**_load(memo_path), key: digest}  # re-read: another run may have added entries
     atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
@@ -43,7 +43,7 @@ def known_sha256(path: Path) -> str | None:
     return _load(cache_dir() / "hashes.json").get(key)
 
 
-def _sha256_mapped(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     """sha256 over a read-only mapping: no copy into Python buffers (1.4x hashlib.file_digest here)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

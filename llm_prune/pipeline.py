@@ -108,7 +108,8 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     index = {"metadata": {"total_size": report["run"]["output_bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
     if save_mask:
         report["masks"] = MASK_FILE
-    writer.finish(index, src, {"sparsity.json": report}, before_publish=_write_masks if save_mask else None)
+    writer.finish(index, src, {"sparsity.json": report}, before_publish=_write_masks if save_mask else None,
+                  manifest="sparsity.json")
     return report
 
 

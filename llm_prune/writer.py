@@ -16,12 +16,14 @@ import os
 import shutil
 import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .fingerprint import sha256_of
 from .paths import atomic_write_text, make_dir, publish_dir
 from .reader import SAFE_INDEX, WEIGHT_INDEXES, WEIGHT_SUFFIXES, FileBytes, Unit, safetensors_dtype_name
 
@@ -245,6 +247,10 @@ class ShardWriter:
             log.write_text(json.dumps({"run": run_key}) + "\n")
         self.resumed = len(self.progress["units"])  # units a previous run already finished
         self._lock = threading.Lock()
+        # Each shard is hashed once it is final, in a thread, while the next block is pruned: the
+        # manifest in sparsity.json (what ``llm-prune verify`` checks) then costs no extra pass.
+        self._hashing = ThreadPoolExecutor(1, thread_name_prefix="llm-prune-hash-out")
+        self._hashes: dict[str, Future] = {}
 
     def done(self, unit: Unit) -> bool:
         """True when the unit's shard was finished, and is still there whole (same byte size)."""
@@ -272,6 +278,7 @@ class ShardWriter:
         """Publish a finished shard (holding ``names``) in the partial directory and log it."""
         path = self.tmp / file
         os.replace(self._part(file), path)
+        self._hashes[file] = self._hashing.submit(sha256_of, path)
         entry = {"file": file, "bytes": path.stat().st_size, "tensors": sorted(names), **record}
         line = {"unit": unit.key, **entry, **({"state": state} if state is not None else {})}
         with self._lock:  # units with nothing to prune are committed from the writer thread
@@ -311,21 +318,38 @@ class ShardWriter:
     def records(self) -> dict:
         return self.progress["units"]
 
-    def finish(self, index: dict, side_src: Path, extra_json: dict[str, dict], before_publish=None) -> None:
+    def finish(self, index: dict, side_src: Path, extra_json: dict[str, dict], before_publish=None,
+               manifest: str | None = None) -> None:
         """Write the index, copy side files, add extra JSON files, then publish atomically.
-        ``before_publish(directory)`` may add files to the complete checkpoint first."""
+        ``before_publish(directory)`` may add files to the complete checkpoint first. ``manifest``
+        names the extra JSON file that gets ``output.files``: the sha256 of every other file."""
         atomic_write_text(self.tmp / self.index_name, json.dumps(index, indent=2))
         copy_side_files(side_src, self.tmp)
         for name, payload in extra_json.items():
             atomic_write_text(self.tmp / name, json.dumps(payload, indent=2))
         if before_publish is not None:
             before_publish(self.tmp)
+        if manifest is not None:
+            extra_json[manifest]["output"] = {"files": self._file_hashes(exclude={manifest, self.PROGRESS})}
+            atomic_write_text(self.tmp / manifest, json.dumps(extra_json[manifest], indent=2))
+        self._hashing.shutdown()
         (self.tmp / self.PROGRESS).unlink()
         publish_dir(self.tmp, self.out)  # an existing output is only there with --overwrite
+
+    def _file_hashes(self, exclude: set[str]) -> dict[str, str]:
+        """sha256 of every file in the partial directory: shards from their hashing thread, the
+        rest (and shards a resumed run inherited) now."""
+        out = {}
+        for f in sorted(self.tmp.iterdir()):
+            if f.is_file() and f.name not in exclude:
+                job = self._hashes.get(f.name)
+                out[f.name] = job.result() if job is not None else sha256_of(f)
+        return out
 
     def abort(self) -> None:
         """Drop the partial directory after a refused run, unless it holds an earlier run's
         finished units: those stay, to resume once the cause is fixed."""
+        self._hashing.shutdown(wait=True, cancel_futures=True)
         if not self.resumed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
