@@ -41,6 +41,14 @@ VERBS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument as one line (like every other error) instead of the usage
+    block followed by the message; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .calibration import add_calibration_arguments
     from .config import DEFAULT_TARGETS, SCOPES
@@ -48,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .models import ALIASES, DEFAULT_MODEL, EMBEDDED
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="llm-prune",
         description="One-shot pruning of pre-trained transformers, streamed one block at a time. Other verbs: "
                     + ", ".join(f"`llm-prune {v}`" for v in VERBS) + " (each with its own --help).",
@@ -117,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             _own_process()
         if argv[:1] and argv[0] in VERBS:
             return _verb(argv[0], argv[1:])
-        return _prune(build_parser().parse_args(argv[1:] if argv[:1] == ["prune"] else argv))
+        return _prune(_parse(build_parser(), argv[1:] if argv[:1] == ["prune"] else argv))
     except UserError as e:
         print(f"llm-prune: error: {e}", file=sys.stderr)
         return e.exit_code
+    except _Exit as e:
+        return e.code
     except KeyboardInterrupt:
         print("llm-prune: interrupted; finished blocks are kept, run again with --resume to continue",
               file=sys.stderr)
@@ -145,14 +155,28 @@ def _own_process() -> None:
     _fixed_mmap_threshold()
 
 
+class _Exit(Exception):
+    """argparse finished the command itself (--help, --version, a bad argument): its exit code."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:  # main() returns the code instead of ending the caller's process
+        raise _Exit(e.code if isinstance(e.code, int) else 2) from None
+
+
 def _verb(name: str, argv: list[str]) -> int:
     import importlib
 
     module = importlib.import_module(VERBS[name])
-    p = argparse.ArgumentParser(prog=f"llm-prune {name}", description=module.__doc__,
+    p = Parser(prog=f"llm-prune {name}", description=module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
-    return module.run(p.parse_args(argv))
+    return module.run(_parse(p, argv))
 
 
 def _prune(args: argparse.Namespace) -> int:
