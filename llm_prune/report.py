@@ -55,6 +55,7 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
             "units": len(run.units),
             "resumed_units": writer.resumed,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(),
         },
     }
     if cfg.scope == "global":
@@ -63,6 +64,26 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
         dtype = getattr(torch, writer.state.get("score_dtype", ""), dtype)
         report["threshold"] = {"magnitude": key_to_value(t.key, dtype) if t.k else 0.0, "pruned": t.k, "of": t.total}
     return report
+
+
+def environment() -> dict:
+    """What the output's bytes may depend on besides the inputs and settings: the versions, and the
+    thread count (SparseGPT's solver runs BLAS, whose sums depend on it; the magnitude kernels,
+    Wanda and the formats give the same bytes on any number of threads)."""
+    import platform
+
+    import safetensors
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "safetensors": safetensors.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        import numba
+
+        env |= {"numba": numba.__version__, "numba_threads": numba.get_num_threads()}
+    except ImportError:
+        pass
+    return env
 
 
 def human_bytes(n: float) -> str:
