@@ -88,7 +88,9 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     select_targets(units, reader.infos, arch, cfg)
     check_format(units, reader.infos, arch, cfg, fmt)
     writer = ShardWriter(out, _run_key(reader, cfg, fmt, calib), overwrite=overwrite, resume=resume,
-                         index_name=index_name(fmt))
+                         index_name=index_name(fmt), manifest="sparsity.json")
+    if writer.finished is not None:  # killed after its last write, before the rename: only that is left
+        return writer.publish_finished()
     run = Run(reader, units, cfg, arch, method, writer, fmt, calib, progress)
     try:
         needed = sum(i.nbytes for i in reader.infos.values()) - _written_bytes(writer)
@@ -109,7 +111,7 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     if save_mask:
         report["masks"] = MASK_FILE
     writer.finish(index, src, {"sparsity.json": report}, before_publish=_write_masks if save_mask else None,
-                  manifest="sparsity.json")
+                  manifest=writer.manifest)
     return report
 
 

@@ -220,9 +220,11 @@ class ShardWriter:
     PROGRESS = "progress.jsonl"
 
     def __init__(self, out: Path, run_key: dict, *, overwrite: bool = False, resume: bool = False,
-                 index_name: str = SAFE_INDEX):
+                 index_name: str = SAFE_INDEX, manifest: str | None = None):
         self.out = Path(out)
         self.index_name = index_name
+        self.manifest = manifest
+        self.finished: dict | None = None  # a run killed between its last write and its publish
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         self.overwrite = overwrite
         if self.out.exists() and not overwrite:
@@ -234,6 +236,9 @@ class ShardWriter:
                 raise UserError(f"an unfinished run left {self.tmp}; pass --resume to continue it "
                                 f"or delete that directory to start over")
             old, good = _read_log(log)
+            if old is None and self._finished(run_key):
+                self.resumed = 0
+                return
             if old is None:
                 raise UserError(f"{self.tmp} has no readable {self.PROGRESS} (left by another tool or an "
                                 "older llm-prune?); delete it to start over")
@@ -251,6 +256,25 @@ class ShardWriter:
         # manifest in sparsity.json (what ``llm-prune verify`` checks) then costs no extra pass.
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="llm-prune-hash-out")
         self._hashes: dict[str, Future] = {}
+
+    def _finished(self, run_key: dict) -> bool:
+        """The partial directory holds a whole output of this very run (its manifest, written
+        last, carries the run's key) that a kill stopped just before the rename: only the
+        publishing is left to do (``publish_finished``)."""
+        if self.manifest is None:
+            return False
+        try:
+            payload = json.loads((self.tmp / self.manifest).read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(payload, dict) or "output" not in payload or payload.get("run", {}).get("key") != run_key:
+            return False
+        self.finished = payload
+        return True
+
+    def publish_finished(self) -> dict:
+        publish_dir(self.tmp, self.out)
+        return self.finished
 
     def done(self, unit: Unit) -> bool:
         """True when the unit's shard was finished, and is still there whole (same byte size)."""
@@ -331,6 +355,7 @@ class ShardWriter:
             before_publish(self.tmp)
         if manifest is not None:
             extra_json[manifest]["output"] = {"files": self._file_hashes(exclude={manifest, self.PROGRESS})}
+            extra_json[manifest].setdefault("run", {})["key"] = self.progress["run"]  # see _finished
             atomic_write_text(self.tmp / manifest, json.dumps(extra_json[manifest], indent=2))
         self._hashing.shutdown()
         (self.tmp / self.PROGRESS).unlink()
