@@ -1,0 +1,74 @@
+"""Peak memory and time of an export on first contact with a checkpoint, beside a run once its hashes are known.
+
+    python scripts/bench_first_contact.py --blocks 4 8 16 32 --work /tmp/llm-prune-bench --json benchmarks/first-contact.json
+
+For each size, a Llama-2-7B-shaped synthetic checkpoint (random fp16, ~2 GB shards, as
+scripts/bench_stream.py builds them) is exported by ``llm-prune CKPT --sparsity 0.5`` under
+``/usr/bin/time -v`` (as a user would measure it), twice: first with an empty llm-prune cache
+(nothing known: the source's files are hashed during the run), then again with the cache that run
+left (hashes remembered). Reports wall time and peak RSS of each, one block's size, and the
+peak RSS of a process that only imports what the exporter imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stream import BLOCK_BYTES  # noqa: E402
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of ``cmd`` as /usr/bin/time -v reports them."""
+    done = subprocess.run(["/usr/bin/time", "-v", *cmd], env=env, capture_output=True, text=True, check=True)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1)) / 1024
+    h, m, s = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", done.stderr).groups()
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), rss
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--work", type=Path, default=Path("/tmp/llm-prune-bench"))
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    import os
+
+    rows = []
+    exe = [sys.executable, "-m", "llm_prune"]
+    _, imports = timed([sys.executable, "-c", "import llm_prune.cli, llm_prune.pipeline"], dict(os.environ))
+    for n in args.blocks:
+        ckpt = args.work / f"synthetic-{n}"
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        f"from bench_stream import make_synthetic; from pathlib import Path; "
+                        f"make_synthetic(Path({str(ckpt)!r}), {n})"], check=True)
+        cache = Path(tempfile.mkdtemp(prefix="llm-prune-cache-"))
+        env = {**os.environ, "LLM_PRUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        out = args.work / f"out-{n}"
+        row = {"blocks": n, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
+        for label in ("first", "cached"):
+            shutil.rmtree(out, ignore_errors=True)
+            row[f"{label}_s"], row[f"{label}_rss_mib"] = timed([*exe, str(ckpt), "--sparsity", "0.5", "--out", str(out),
+                                                                "--quiet"], env)
+        row["first_over_cached_time"] = row["first_s"] / row["cached_s"]
+        row["first_rss_blocks_above_imports"] = (row["first_rss_mib"] - imports) / row["block_mib"]
+        rows.append(row)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"{n} blocks: first {row['first_s']:.1f} s / {row['first_rss_mib']:.0f} MiB, cached {row['cached_s']:.1f} s / "
+              f"{row['cached_rss_mib']:.0f} MiB; first-contact peak {row['first_rss_blocks_above_imports']:.2f} blocks "
+              f"above the imports ({imports:.0f} MiB)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
