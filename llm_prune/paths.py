@@ -28,7 +28,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     waits for data written before it, so this is for files written once or rarely, not once per
     block of a run (``ShardWriter`` appends to a log instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path, ".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -36,6 +36,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)  # read it: the only portable way is to set it and set it back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # at import, before any thread could create files meanwhile
+
+
+def temp_file(final: Path, suffix: str) -> tuple[int, str]:
+    """A new temporary file beside ``final`` (to be renamed over it), with the permissions a plain
+    ``open`` would give it: ``mkstemp`` makes files only their owner can read, and a renamed
+    file keeps them."""
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
 
 
 def publish_dir(tmp: Path, final: Path) -> Path:

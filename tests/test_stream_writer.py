@@ -136,3 +136,16 @@ def test_progress_log_survives_a_torn_line(tmp_path):
 def _touch(writer, name: str) -> str:
     (writer.tmp / f"{name}.tmp").write_bytes(b"x")
     return name
+
+
+def test_files_written_through_a_rename_get_the_permissions_open_gives(tmp_path):
+    # mkstemp makes owner-only files and a rename keeps that: an index or sparsity.json nobody else
+    # could read would make a shared checkpoint unusable.
+    import os
+
+    from llm_prune.paths import atomic_write_text
+
+    atomic_write_text(tmp_path / "renamed.json", "{}")
+    (tmp_path / "opened.json").write_text("{}")
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "renamed.json") == mode(tmp_path / "opened.json")

@@ -10,11 +10,11 @@ tables.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 from ..errors import UserError
+from ..paths import temp_file
 from .knee import KNEE_AT_FIRST_LEVEL, Knee
 
 DPI = 120
@@ -49,7 +49,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    fd, tmp = temp_file(path, ".png")
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=DPI)

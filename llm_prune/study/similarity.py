@@ -16,13 +16,14 @@ import math
 import os
 import re
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+
+from ..paths import temp_file
 
 META_KEY = "llm_prune.masks"
 FORMAT = "llm-prune keep-masks"
@@ -200,7 +201,7 @@ class MaskWriter:
         self._left = set(self.shapes)
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, self._tmp = temp_file(self.path, ".tmp")
         self._fd = fd
         try:
             _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
@@ -279,7 +280,7 @@ def _layout(shapes: Mapping[str, tuple[int, ...]], text: str) -> tuple[bytes, di
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path, ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
