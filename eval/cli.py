@@ -50,7 +50,7 @@ def parse_tasks(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="checkpoint directory (dense or exported by llm-prune)")
+    p.add_argument("path", help="checkpoint directory (dense or exported by llm-prune), hub id or known short name")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help=f"comma-separated: mmlu, ppl, arc_easy, piqa, hellaswag or lm-eval task names (default {DEFAULT_TASKS})")
     add_settings_arguments(p)
@@ -67,9 +67,14 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``llm-prune eval``; UserError propagates to the caller, which prints it as one line."""
     from .api import evaluate_pruned
 
+    from ..models import resolve_model
+
+    given = args.path
+    args.path = resolve_model(given)
     settings = settings_from_args(args, progress=not args.quiet)
     tasks = parse_tasks(args.tasks)
-    out = args.out or args.path
+    # Results go beside a checkpoint the user named by its directory; never into a model cache.
+    out = args.out or (args.path if Path(given).is_dir() else Path(f"{given.rstrip('/').split('/')[-1]}-eval"))
     dense = args.dense or args.path
     pruned, tokenizer = args.path, args.tokenizer
     if args.runtime != "dense":
