@@ -248,3 +248,10 @@ def test_prune_command_flags_with_prefix():
     args = p.parse_args(["--seqlen", "2048", "--eval-seqlen", "256", "--eval-limit", "3", "--eval-batch-size", "2"])
     s = cli.settings_from_args(args, prefix="eval-", progress=False)
     assert (s.seqlen, s.limit, s.batch_size, s.fewshot, s.progress) == (256, 3, 2, 5, False)
+
+
+def test_auto_batch_is_16_on_cpu_and_lm_evals_auto_on_a_gpu():
+    s = EvalSettings()
+    assert s.batch_for("cpu") == 16 and s.batch_for(torch.device("cpu")) == 16
+    assert s.batch_for("cuda") == "auto" and s.batch_for("cuda:1") == "auto"
+    assert EvalSettings(batch_size=4).batch_for("cpu") == 4

@@ -250,3 +250,47 @@ def test_data_parallel_plumbing_under_accelerate_launch_on_cpu(tmp_path):
     payload = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert payload["world_size"] == 2 and payload["pruned"][0]["steps"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "cache", "ft", "sentiment.csv"]  # one output
+
+
+def test_an_optimizer_that_puts_mass_anywhere_is_cleaned():
+    class Drifting(torch.optim.Optimizer):  # state grows everywhere, gradient or not
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    trace = self.state[p].setdefault("trace", torch.zeros_like(p))
+                    trace.add_(1.0)
+                    p.data.add_(0.1 * trace)
+
+    model, keep = _model_and_masks()
+    opt = Drifting(model.parameters())
+    keeper = MaskKeeper(keep).attach(model)
+    for _ in range(3):
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        keeper.after_step(model, opt)
+        opt.zero_grad()
+    params = dict(model.named_parameters())
+    for name, mask in keep.items():
+        assert not params[name][~mask].any() and not opt.state[params[name]]["trace"][~mask].any()
+
+
+def test_state_from_before_the_mask_is_cleaned_once_for_adamw():
+    model, keep = _model_and_masks()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()  # dense state everywhere, as when a run resumes with a new mask
+    opt.zero_grad()
+    keeper = MaskKeeper(keep).attach(model)
+    for _ in range(3):
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        keeper.after_step(model, opt)
+        opt.zero_grad()
+    params = dict(model.named_parameters())
+    for name, mask in keep.items():
+        state = opt.state[params[name]]
+        assert not params[name][~mask].any()
+        assert not state["exp_avg"][~mask].any() and not state["exp_avg_sq"][~mask].any()

@@ -16,7 +16,10 @@ Three things keep the mask, each for a reason:
   the optimizer does with a zero gradient (decoupled weight decay keeps 0 at 0, but a custom
   optimizer need not);
 * the optimizer's per-weight state (moments, momentum buffers) is zeroed where pruned after every
-  step, for optimizers that put something there anyway.
+  step, for optimizers that could put something there anyway. torch's SGD, Adam and AdamW
+  cannot: their state is a running combination of gradients (and of the weight, for decay),
+  all zero there, so for them the pass runs once (for state from before the mask, as when
+  training resumes) and is skipped after (tests check the state stays zero).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class MaskKeeper:
     def __init__(self, masks: dict[str, torch.Tensor]):
         """``masks``: parameter name -> keep-mask (bool, True = kept) of that parameter's shape."""
         self.masks = {n: m.to(torch.bool) for n, m in masks.items()}
+        self._drop: dict[str, torch.Tensor] = {}  # ~mask, computed once per device
         self._handles: list = []
+        self._cleaned: set[int] = set()  # id() of the zero-keeping optimizers already cleaned once
 
     @classmethod
     def from_zeros(cls, model: nn.Module, names) -> "MaskKeeper":
@@ -49,14 +54,17 @@ class MaskKeeper:
                 raise ValueError(f"{name}: mask of shape {tuple(keep.shape)} for a parameter of shape {tuple(p.shape)}")
             if keep.device != p.device:
                 keep = self.masks[name] = keep.to(p.device)
-            out.append((p, keep))
+            drop = self._drop.get(name)
+            if drop is None or drop.device != p.device:
+                drop = self._drop[name] = ~keep
+            out.append((p, drop))
         return out
 
     def attach(self, model: nn.Module) -> "MaskKeeper":
         """Mask the weights now, and every gradient from now on (until ``detach``)."""
         self.detach()
-        for p, keep in self._params(model):
-            self._handles.append(p.register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0)))
+        for p, drop in self._params(model):
+            self._handles.append(p.register_hook(lambda g, drop=drop: g.masked_fill(drop, 0)))
         self.apply_(model)
         return self
 
@@ -68,20 +76,25 @@ class MaskKeeper:
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
         """Write +0 into every pruned weight."""
-        for p, keep in self._params(model):
-            p.masked_fill_(~keep, 0)
+        for p, drop in self._params(model):
+            p.masked_fill_(drop, 0)
 
     @torch.no_grad()
     def clean_optimizer_(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Zero the optimizer's per-weight state (moments, momentum) where pruned."""
-        for p, keep in self._params(model):
+        for p, drop in self._params(model):
             for value in optimizer.state.get(p, {}).values():
                 if torch.is_tensor(value) and value.shape == p.shape:
-                    value.masked_fill_(~keep, 0)
+                    value.masked_fill_(drop, 0)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Call after each ``optimizer.step()`` in a plain training loop."""
         self.apply_(model)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        if isinstance(inner, _ZERO_KEEPING):
+            if id(inner) in self._cleaned:
+                return
+            self._cleaned.add(id(inner))
         self.clean_optimizer_(model, optimizer)
 
     def sparsity(self) -> float:
@@ -91,6 +104,10 @@ class MaskKeeper:
     def callback(self):
         """A ``transformers.TrainerCallback`` that keeps this mask in any ``Trainer``."""
         return _callback_class()(self)
+
+
+# Optimizers whose per-weight state stays zero wherever the gradient is always zero (see the module doc).
+_ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _callback_class():
