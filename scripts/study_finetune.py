@@ -39,26 +39,31 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--report", type=Path, required=True)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--only", nargs="+", choices=[f"{t}-{m}" for t in TASKS for m in ("omp", "lth")] + ["digits-omp"],
+                   help="sweeps to run (default: all); the figures use every finished one")
     p.add_argument("--train", nargs=argparse.REMAINDER, default=["--epochs", "5", "--lr", "1e-4"],
                    help="fine-tuning options for the text tasks (default: --epochs 5 --lr 1e-4, see above)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "study.log"
     common = ["--seeds", args.seeds, "--quiet", "--resume", "--report"]
-    runs = {}
+    plan = {}
     for task in TASKS:
         for method, levels, extra in [("omp", "0.1:0.8:0.1", []), ("lth", "0.2:0.6:0.2", ["--rounds", "2"])]:
-            out = args.work / f"{task}-{method}"
-            llm_prune("sweep", "minilm-l6", "--finetune", task, "--method", method, "--sparsities", levels, *extra,
-                      *args.train, *common, "--out", out, log=log)
-            runs[(task, method)] = out
-    out = args.work / "digits-omp"
-    llm_prune("sweep", "vit-digits", "--finetune", "digits", "--method", "omp", "--sparsities", "0.1:0.8:0.1",
-              "--epochs", "20", "--lr", "1e-3", *common, "--out", out, log=log)
-    runs[("digits", "omp")] = out
+            plan[f"{task}-{method}"] = ["minilm-l6", "--finetune", task, "--method", method, "--sparsities", levels,
+                                        *extra, *args.train]
+    plan["digits-omp"] = ["vit-digits", "--finetune", "digits", "--method", "omp", "--sparsities", "0.1:0.8:0.1",
+                          "--epochs", "20", "--lr", "1e-3"]
+    for name, argv in plan.items():
+        if not args.only or name in args.only:
+            llm_prune("sweep", *argv, *common, "--out", args.work / name, log=log)
+    # the figures take every finished sweep, from this run or an earlier one
+    runs = {tuple(name.split("-")): args.work / name for name in plan if (args.work / name / "sweep.json").is_file()}
     similarity = {}
     for task in TASKS:
         for level in ["0.2", "0.4", "0.6"]:
+            if (task, "omp") not in runs or (task, "lth") not in runs:
+                continue
             a = runs[(task, "omp")] / "masks" / level / "omp.safetensors"
             b = runs[(task, "lth")] / "masks" / level / "lth-round-2.safetensors"
             if a.is_file() and b.is_file():
