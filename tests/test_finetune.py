@@ -252,6 +252,16 @@ def test_data_parallel_plumbing_under_accelerate_launch_on_cpu(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "cache", "ft", "sentiment.csv"]  # one output
 
 
+def _train_with_keeper(model, keep, opt, steps):
+    keeper = MaskKeeper(keep).attach(model)
+    for _ in range(steps):
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        keeper.after_step(model, opt)
+        opt.zero_grad()
+    return dict(model.named_parameters())
+
+
 def test_an_optimizer_that_puts_mass_anywhere_is_cleaned():
     class Drifting(torch.optim.Optimizer):  # state grows everywhere, gradient or not
         def __init__(self, params):
@@ -266,13 +276,7 @@ def test_an_optimizer_that_puts_mass_anywhere_is_cleaned():
 
     model, keep = _model_and_masks()
     opt = Drifting(model.parameters())
-    keeper = MaskKeeper(keep).attach(model)
-    for _ in range(3):
-        model(torch.randn(4, 16)).sum().backward()
-        opt.step()
-        keeper.after_step(model, opt)
-        opt.zero_grad()
-    params = dict(model.named_parameters())
+    params = _train_with_keeper(model, keep, opt, steps=3)
     for name, mask in keep.items():
         assert not params[name][~mask].any() and not opt.state[params[name]]["trace"][~mask].any()
 
@@ -283,13 +287,7 @@ def test_state_from_before_the_mask_is_cleaned_once_for_adamw():
     model(torch.randn(4, 16)).sum().backward()
     opt.step()  # dense state everywhere, as when a run resumes with a new mask
     opt.zero_grad()
-    keeper = MaskKeeper(keep).attach(model)
-    for _ in range(3):
-        model(torch.randn(4, 16)).sum().backward()
-        opt.step()
-        keeper.after_step(model, opt)
-        opt.zero_grad()
-    params = dict(model.named_parameters())
+    params = _train_with_keeper(model, keep, opt, steps=3)
     for name, mask in keep.items():
         state = opt.state[params[name]]
         assert not params[name][~mask].any()
