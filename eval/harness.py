@@ -9,9 +9,11 @@ standard table (``mmlu.py``), the same size weighting lm-eval's groups use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
+from unittest import mock
 
 from .. import __version__
 from ..errors import UserError
@@ -105,6 +107,24 @@ def _task_manager(tasks: list[str], data: str):
     return manager
 
 
+# What lm-eval gathers after every ``simple_evaluate`` for its own logs: torch's environment report
+# (it runs pip list and probes for GPUs: seconds per call, once per task and per sweep level) and
+# the git hash of the working directory (a "fatal: not a git repository" line outside one).
+# Nothing of it reaches our results; the report records the environment once (report.environment).
+_LM_EVAL_DIAGNOSTICS = ("add_env_info", "get_git_commit_hash")
+
+
+@contextlib.contextmanager
+def _without_run_diagnostics():
+    import lm_eval.evaluator as evaluator
+
+    with contextlib.ExitStack() as stack:
+        for name in _LM_EVAL_DIAGNOSTICS:
+            if hasattr(evaluator, name):  # absent in another lm-eval version: nothing to skip
+                stack.enter_context(mock.patch.object(evaluator, name, lambda *a, **k: None))
+        yield
+
+
 def _lm_eval_task(lm, name: str, data: str, manager, settings: EvalSettings) -> dict | None:
     from lm_eval import simple_evaluate
 
@@ -118,10 +138,11 @@ def _lm_eval_task(lm, name: str, data: str, manager, settings: EvalSettings) -> 
             raise UserError(f"unknown MMLU subject(s): {', '.join(unknown)}")
         requested = [f"{task}_{s}" for s in settings.mmlu_subjects]
     requests0, seconds0 = getattr(lm, "requests", 0), getattr(lm, "seconds", 0.0)
-    res = simple_evaluate(lm, tasks=requested, num_fewshot=settings.fewshot if is_mmlu else settings.task_fewshot,
-                          limit=settings.limit, task_manager=manager, log_samples=False,
-                          random_seed=settings.seed, numpy_random_seed=settings.seed,
-                          torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, bootstrap_iters=0)
+    with _without_run_diagnostics():
+        res = simple_evaluate(lm, tasks=requested, num_fewshot=settings.fewshot if is_mmlu else settings.task_fewshot,
+                              limit=settings.limit, task_manager=manager, log_samples=False,
+                              random_seed=settings.seed, numpy_random_seed=settings.seed,
+                              torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, bootstrap_iters=0)
     requests, seconds = getattr(lm, "requests", 0) - requests0, getattr(lm, "seconds", 0.0) - seconds0
     if res is None:
         return None

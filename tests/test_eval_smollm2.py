@@ -34,11 +34,17 @@ def _rows(out):
 
 def test_eval_cli_dense_vs_pruned(smollm2_dir, pruned_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))  # a cold baseline cache: really evaluate dense
+    import lm_eval.evaluator
+
+    diagnostics = []  # lm-eval's environment report costs seconds per call and is not used: skipped
+    spy = lambda *a, **k: diagnostics.append(a)  # noqa: E731
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", spy)
     out = tmp_path / "report"
     rc = _run([str(pruned_dir), "--dense", str(smollm2_dir), "--tasks", "mmlu,arc_easy,ppl", "--fewshot", "0",
                "--limit", "2", "--mmlu-subjects", "anatomy,marketing", "--batch-size", "8", "--device", "cpu",
                "--data", "local", "--seqlen", "128", "--ppl-windows", "4", "--out", str(out), "--quiet"])
     assert rc == 0
+    assert diagnostics == [] and lm_eval.evaluator.add_env_info is spy  # skipped, then put back
     printed = capsys.readouterr().out
     assert "drop (+ = worse)" in printed and "mmlu/stem" in printed
     data, rows = _rows(out)
