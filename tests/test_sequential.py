@@ -25,7 +25,7 @@ from .helpers import add_tokenizer, digest, load_dir, read_decoded as decoded
 from .conftest import save_tiny, tiny_opt_config
 
 CASES = [("sparsegpt", Sparsity(0.5)), ("sparsegpt", Sparsity(0.5, 2, 4)), ("wanda", Sparsity(0.6)),
-         ("wanda", Sparsity(0.5, 2, 4))]
+         ("wanda", Sparsity(0.5, 2, 4)), ("ria", Sparsity(0.6)), ("ria", Sparsity(0.5, 2, 4))]
 
 
 @pytest.fixture

@@ -42,14 +42,17 @@ def wanda_keep(weight: torch.Tensor, norms: torch.Tensor, sparsity: Sparsity, we
     W = weight.t() if weight_in_first else weight
     if W.shape[1] != norms.numel():
         raise ValueError(f"{norms.numel()} input norms for a weight with {W.shape[1]} input columns")
-    score = wanda_scores(W, norms)
-    if sparsity.is_nm:
-        keep = nm_keep(score, sparsity.n, sparsity.m)
-    else:
-        k = prune_count(score.shape[1], sparsity.ratio)
-        pruned = torch.sort(score, dim=1, stable=True).indices[:, :k]
-        keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, pruned, False)
+    keep = row_keep(wanda_scores(W, norms), sparsity)
     return keep.t().contiguous() if weight_in_first else keep
+
+
+def row_keep(score: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
+    """Keep-mask [out, in] that prunes the smallest scores of each output row (N:M: of every M inputs)."""
+    if sparsity.is_nm:
+        return nm_keep(score, sparsity.n, sparsity.m)
+    k = prune_count(score.shape[1], sparsity.ratio)
+    pruned = torch.sort(score, dim=1, stable=True).indices[:, :k]
+    return torch.ones_like(score, dtype=torch.bool).scatter_(1, pruned, False)
 
 
 def _solve(weight, stat: InputNorms, sparsity: Sparsity, *, weight_in_first: bool, calib) -> tuple[torch.Tensor, torch.Tensor]:
