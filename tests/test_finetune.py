@@ -221,6 +221,9 @@ def test_sweep_with_finetune_gives_the_encoder_curve_and_its_knee(tmp_path, caps
     sweep = json.loads((tmp_path / "omp" / "sweep.json").read_text())
     assert [lv["achieved"] for lv in sweep["levels"]] == pytest.approx([0.3, 0.6], abs=1e-3)
     assert "sentiment/accuracy" in sweep["knees"] and sweep["curves"]["sentiment/accuracy"]["stderr"][0] is not None
+    (protocol,) = sweep["protocol"]  # the fine-tune split and settings, not an lm-eval task's
+    assert protocol.startswith("sentiment: ") and "lm-eval" not in protocol and "seeds 0, 1" in protocol
+    assert "max_steps 2" in protocol and "epochs" not in protocol and "batch_size 8" in protocol
     assert main(["sweep", str(src), "--method", "lth", "--rounds", "2", *common, "--out", str(tmp_path / "lth")]) == 0
     # OMP and LTH masks of the same level compare directly
     assert main(["masks", "compare", str(tmp_path / "omp" / "masks" / "0.6" / "omp.safetensors"),

@@ -92,7 +92,7 @@ def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None,
             bar.set_postfix(level=str(level))
         bar.close()
     records = [done[lv.label] for lv in sorted(cfg.levels, key=lambda lv: lv.ratio)]
-    return summarize(cfg, records, dense, source_name or str(src))
+    return summarize(cfg, records, dense, source_name or str(src), finetune=key.get("finetune"))
 
 
 def _evaluated(src: Path, cfg: SweepConfig, settings, calib, out: Output, progress: bool):
@@ -286,7 +286,8 @@ def _stderr(entry: dict, task: str, metric: str, value: float) -> float | None:
     return math.sqrt(value * (1 - value) / (n - 1))
 
 
-def summarize(cfg: SweepConfig, records: list[dict], dense: dict, source_name: str) -> tuple[dict, dict]:
+def summarize(cfg: SweepConfig, records: list[dict], dense: dict, source_name: str,
+              finetune: dict | None = None) -> tuple[dict, dict]:
     levels = [r["sparsity"] for r in records]
     knees, curves = {}, {}
     for (task, metric), s in series(records, dense).items():
@@ -309,16 +310,23 @@ def summarize(cfg: SweepConfig, records: list[dict], dense: dict, source_name: s
                    for r in records],
         "curves": curves, "knees": {k: v.to_dict() for k, v in knees.items()},
         "dense": {"tasks": dense["tasks"], "settings": dense.get("settings"), "model": dense.get("model")},
-        "protocol": _protocols(records[0]["result"] if records else dense),
+        "protocol": _protocols(records[0]["result"] if records else dense, finetune),
         "time": {"prune_s": round(sum(r["prune_s"] for r in records), 3),
                  "eval_s": round(sum(r["eval_s"] for r in records), 3)},
     }
     return payload, knees
 
 
-def _protocols(result: dict) -> list[str]:
+def _protocols(result: dict, finetune: dict | None) -> list[str]:
     from ..eval.results import protocol_lines
 
+    if isinstance(result.get("protocol"), str):  # a fine-tuned curve: the split is the fine-tune path's to say
+        train = (finetune or {}).get("train", {})
+        length = "max_steps" if (train.get("max_steps") or -1) > 0 else "epochs"  # max_steps overrides epochs
+        how = ", ".join(f"{k} {train[k]:g}" for k in (length, "lr", "batch_size") if isinstance(train.get(k), (int, float)))
+        return [f"{task}: {result['protocol']}; accuracy on n={entry['n']} test examples, mean over seeds "
+                f"{', '.join(map(str, entry.get('seeds', [])))}" + (f"; fine-tuned with {how}" if how else "")
+                for task, entry in result["tasks"].items()]
     return protocol_lines(result)
 
 
