@@ -83,8 +83,11 @@ def knee_plot(path, metric_name: str, levels: Sequence[float], values: Sequence[
     ax.axhline(dense, color="black", linewidth=1, label=f"dense ({dense:.4g})")
     ax.axhspan(min(dense, knee.threshold), max(dense, knee.threshold), color="0.85", zorder=0,
                label=f"within ε of dense: {knee.epsilon_text}")
+    several = len(curves) > 1
     for i, (label, s) in enumerate(curves.items()):
         color = f"C{i}"
+        if several and s.knee is not None:  # one title cannot hold every curve's knee: each legend entry says its own
+            label = f"{label}: {_knee_title(s.knee)}"
         ax.errorbar(list(s.levels), list(s.values), yerr=None if s.stderr is None else list(s.stderr),
                     marker="o", markersize=4, capsize=3, color=color, label=label)
         if s.knee is not None:
@@ -97,7 +100,8 @@ def knee_plot(path, metric_name: str, levels: Sequence[float], values: Sequence[
     ax.set_xlabel("sparsity")
     ax.set_ylabel(metric_name + ("  (higher is better)" if knee.higher_is_better else "  (lower is better)"))
     _percent_axis(ax.xaxis)
-    ax.set_title(f"{metric_name} vs sparsity — {_knee_title(knee)}", fontsize=10)
+    ax.set_title(f"{metric_name} vs sparsity\n" + ("knee of each curve in the legend" if several else _knee_title(knee)),
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
