@@ -1,4 +1,4 @@
-"""Calibrated pruning (SparseGPT, Wanda) over the block stream, one block in memory at a time.
+"""Calibrated pruning (SparseGPT, Wanda, RIA) over the block stream, one block in memory at a time.
 
     windows  = calibration token windows           [nsamples, seqlen]
     skeleton = the model on the meta device         nothing allocated
@@ -30,12 +30,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
+from .allocation import Shares, allocate, outlier_ratio, target_blocks
+from .blocks import Observers, build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
 from .calibration import CalibConfig, calibration_windows
 from .errors import UserError
 from .kernels.formats import encode_all
 from .magnitude import all_finite
 from .methods import get_method
+from .methods.wanda import InputNorms, wanda_scores
 from .reader import Unit
 from .runtime import load_tokenizer, resolve_device
 from .writer import ShardWriter
@@ -87,6 +89,9 @@ def prune_sequential(run) -> dict:
     p = _Pass(device, dtype, torch.device("cpu") if calib.offload else device, {**writer.state, "calibration": run_key})
     if pending:
         report |= _start(run, p, seqlen)
+    if cfg.allocation == "owl":
+        run.shares = _owl_shares(run, p, blocks_in_order, first=bool(pending) and pending[0] == 0)
+        p.state["allocation"] = run.shares.to_state()
     bar = tqdm(run.units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not run.progress)
     with torch.no_grad():
         for pos, unit in enumerate(bar):
@@ -121,6 +126,45 @@ def _start(run, p: _Pass, seqlen: int) -> dict:
     p.x, p.kwargs = capture_block_inputs(skeleton, reader, run.arch, p.blocks[0], windows, p.device, p.dtype,
                                          p.store, run.progress)
     return info
+
+
+def _owl_shares(run, p: _Pass, blocks: list[Unit], first: bool) -> Shares:
+    """OWL's outlier ratio of every block (``allocation.outlier_ratio``), then the shares.
+
+    Two passes, because OWL's map normalises each block's ratio by the minimum and maximum over
+    all blocks: no block's sparsity is known before the last block's ratio is. This first pass is
+    statistics only: each dense block is read and run once, with hooks summing its targets' input
+    norms (Wanda's statistic, whatever the method: OWL's scores are Wanda's), and its outputs are
+    the next block's inputs (the dense model's activations, as OWL's reference code takes them).
+    No solver runs and nothing is written: one read and one forward per block on top of the
+    pruning pass. Block 0's inputs wait on disk meanwhile (not a second copy in memory). A resumed
+    run reads the shares from progress.jsonl instead.
+    """
+    cfg, reader, arch, writer = run.cfg, run.reader, run.arch, run.writer
+    names, numels = target_blocks(run.units, reader.infos)
+    if "allocation" in p.state or not first:
+        if "allocation" not in p.state:
+            raise UserError(f"{writer.tmp} holds no OWL allocation to resume with; delete it to start over")
+        return Shares.from_state(p.state["allocation"], names, numels)
+    _save_inputs(writer, 0, p.x)
+    metric = {}
+    for unit in tqdm(blocks, desc="owl outlier ratios", unit="block", disable=not run.progress, leave=False):
+        tensors = reader.read(unit.names)
+        block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
+        rels = {arch.block_of(n)[1]: n for n in unit.targets}
+        observers = Observers(block, list(rels), InputNorms, p.device)
+        run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward)
+        observers.remove()
+        if unit.targets:
+            wif = arch.weight_in_first
+            metric[unit.block] = outlier_ratio([wanda_scores(tensors[n].t() if wif else tensors[n],
+                                                             observers.stat(r).norms) for r, n in rels.items()],
+                                               cfg.owl_m)
+        p.blocks[unit.block] = block.to("meta")
+        del tensors, block
+    p.x.copy_(_load_inputs(writer, 0, p.x))
+    (writer.tmp / _inputs_file(0)).unlink(missing_ok=True)
+    return allocate(cfg, metric, names, numels)
 
 
 def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
