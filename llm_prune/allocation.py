@@ -177,6 +177,16 @@ def target_blocks(units, infos) -> tuple[dict[int, list[str]], dict[str, int]]:
     return blocks, {n: infos[n].numel for names in blocks.values() for n in names}
 
 
+def finite(pairs, file_of):
+    """(name, tensor) pairs passed through, refusing a damaged tensor by name before its SVD."""
+    from .magnitude import all_finite
+
+    for name, w in pairs:
+        if not all_finite(w):
+            raise UserError(f"{name} (in {file_of(name)}) has inf or nan values: the checkpoint is damaged")
+        yield name, w
+
+
 def alpha_shares(cfg: PruneConfig, units, infos, cache, read, progress: bool = False) -> Shares:
     """AlphaPruning's shares: every target's α (cached, else one streaming pass of SVDs), the
     block means, then ``allocate``. ``read(names)`` yields (name, tensor) one at a time."""

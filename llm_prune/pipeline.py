@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .arch import Arch, arch_for
 from .calibration import CalibConfig
-from .allocation import Shares, alpha_shares
+from .allocation import Shares, alpha_shares, finite
 from .config import PruneConfig, Sparsity
 from .errors import UserError
 from .fingerprint import file_sha256
 from .kernels.formats import check_encodable, encode_all
-from .magnitude import NonFinite, Threshold, all_finite, find_threshold
+from .magnitude import NonFinite, Threshold, find_threshold
 from .methods import Method, get_method, prune_
 from .paths import check_apart
 from .reader import SAFE_INDEX, SPARSE_INDEX, CheckpointReader, TensorInfo, Unit
@@ -127,11 +127,8 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
 
 def _finite(reader: CheckpointReader, names: list[str]):
     """(name, tensor) of ``names`` one at a time, refusing a damaged one by name."""
-    for name in names:
-        w = reader.read([name])[name] if reader.pickle else next(reader.read_mapped([name]))[1]
-        if not all_finite(w):
-            raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: the checkpoint is damaged")
-        yield name, w
+    pairs = ((n, reader.read([n])[n]) for n in names) if reader.pickle else reader.read_mapped(names)
+    return finite(pairs, lambda n: reader.infos[n].file)
 
 
 def _write_masks(directory: Path) -> None:
