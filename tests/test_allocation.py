@@ -202,3 +202,30 @@ def test_load_time_alpha_equals_the_export(tiny_llama, tmp_path, monkeypatch):
     assert_bitwise(model, AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
     with pytest.raises(UserError, match="shared out by --allocation alpha"):
         set_sparsity(model, 0.6)
+
+
+def test_sweep_takes_an_allocation(tiny_llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    add_tokenizer(tiny_llama)
+    assert main(["sweep", str(tiny_llama), "--sparsities", "0.3,0.6", "--allocation", "alpha", "--eval", "ppl",
+                 "--eval-seqlen", "16", "--eval-ppl-windows", "2", "--eval-data", "local", "--out",
+                 str(tmp_path / "sw"), "--quiet"]) == 0
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert sweep["allocation"] == {"name": "alpha", "band": 0.2}
+    assert [lv["how"] for lv in sweep["levels"]] == ["pruned while loading"] * 2  # each level shared out anew
+    total = 27648  # the tiny llama's targets
+    assert [lv["achieved"] for lv in sweep["levels"]] == [prune_count(total, 0.3) / total, prune_count(total, 0.6) / total]
+    assert "allocation alpha ±0.2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--pattern", "2:4", "--allocation", "alpha"], "--allocation alpha does not apply to an N:M pattern"),
+    (["--sparsities", "0.3", "--allocation", "owl"], "which omp never reads"),
+    (["--sparsities", "0.3", "--allocation", "alpha", "--finetune", "sst2"], "--finetune prunes uniformly"),
+])
+def test_sweep_refuses_bad_allocations(tiny_llama, tmp_path, capsys, args, match):
+    capsys.readouterr()
+    assert main(["sweep", str(tiny_llama), *args, "--out", str(tmp_path / "sw"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+    assert not (tmp_path / "sw").exists() and not (tmp_path / ".sw.partial").exists()
