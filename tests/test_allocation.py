@@ -229,3 +229,43 @@ def test_sweep_refuses_bad_allocations(tiny_llama, tmp_path, capsys, args, match
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
     assert not (tmp_path / "sw").exists() and not (tmp_path / ".sw.partial").exists()
+
+
+def test_owl_resume_reads_its_shares_back(tiny_llama, tmp_path, monkeypatch):
+    from llm_prune import prune_checkpoint
+    from llm_prune.calibration import CalibConfig, embedded_passages
+    from llm_prune.writer import ShardWriter
+
+    add_tokenizer(tiny_llama)
+    (tmp_path / "calib.txt").write_text("\n\n".join(embedded_passages("calib")[:12]))
+    calib = CalibConfig(source=str(tmp_path / "calib.txt"), nsamples=4, seqlen=32, seed=0)
+    cfg = PruneConfig(method="wanda", sparsity=Sparsity(0.5), allocation="owl")
+    prune_checkpoint(tiny_llama, cfg, tmp_path / "full", calib=calib, progress=False)
+    real_write, written = ShardWriter.write, []
+
+    def write_two_then_die(self, unit, *args, **kw):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real_write(self, unit, *args, **kw)
+        written.append(unit.key)
+
+    monkeypatch.setattr(ShardWriter, "write", write_two_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(tiny_llama, cfg, tmp_path / "resumed", calib=calib, progress=False)
+    monkeypatch.setattr(ShardWriter, "write", real_write)
+    monkeypatch.setattr("llm_prune.sequential.outlier_ratio", lambda *a: pytest.fail("OWL's first pass ran again"))
+    report = prune_checkpoint(tiny_llama, cfg, tmp_path / "resumed", calib=calib, resume=True, progress=False)
+    assert report["run"]["resumed_units"] == 2
+    assert digest(tmp_path / "full") == digest(tmp_path / "resumed")
+
+
+def test_alpha_with_a_calibrated_method(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    add_tokenizer(tiny_llama)
+    out = tmp_path / "ria"
+    assert main([str(tiny_llama), "--sparsity", "0.7", "--method", "ria", "--allocation", "alpha",
+                 "--allocation-band", "0.1", "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
+    report, blocks = _blocks(out)
+    zeros, total = _zeros(out)
+    assert zeros == prune_count(total, 0.7) and len(set(blocks.values())) > 1
+    assert report["allocation"]["band"] == 0.1 and "owl_m" not in report["allocation"]
