@@ -90,8 +90,10 @@ def prune_sequential(run) -> dict:
     if pending:
         report |= _start(run, p, seqlen)
     if cfg.allocation == "owl":
+        t0 = time.perf_counter()
         run.shares = _owl_shares(run, p, blocks_in_order, first=bool(pending) and pending[0] == 0)
         p.state["allocation"] = run.shares.to_state()
+        report["owl_first_pass_s"] = round(time.perf_counter() - t0, 3)  # what the second pass costs
     bar = tqdm(run.units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not run.progress)
     with torch.no_grad():
         for pos, unit in enumerate(bar):
