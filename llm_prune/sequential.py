@@ -151,12 +151,13 @@ def _owl_shares(run, p: _Pass, blocks: list[Unit], first: bool) -> Shares:
     _save_inputs(writer, 0, p.x)
     metric = {}
     for unit in tqdm(blocks, desc="owl outlier ratios", unit="block", disable=not run.progress, leave=False):
-        tensors = reader.read(unit.names)
-        block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
-        rels = {arch.block_of(n)[1]: n for n in unit.targets}
-        observers = Observers(block, list(rels), InputNorms, p.device)
-        run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward)
-        observers.remove()
+        tensors = _read_block(reader, unit)
+        with torch.no_grad():
+            block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
+            rels = {arch.block_of(n)[1]: n for n in unit.targets}
+            observers = Observers(block, list(rels), InputNorms, p.device)
+            run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward)
+            observers.remove()
         if unit.targets:
             wif = arch.weight_in_first
             metric[unit.block] = outlier_ratio([wanda_scores(tensors[n].t() if wif else tensors[n],
@@ -173,10 +174,7 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     """One block: read it, observe and solve its targets, run it pruned for the next block's
     inputs (saved before the block counts as done), write its shard, free it."""
     reader, arch = run.reader, run.arch
-    tensors = reader.read(unit.names)
-    for name in unit.targets:
-        if not all_finite(tensors[name]):
-            raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: the checkpoint is damaged")
+    tensors = _read_block(reader, unit)
     block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
     stats = _solve_targets(run, p, block, unit, tensors)
     if unit.block < len(p.blocks) - 1:
@@ -186,6 +184,15 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     stored, meta = encode_all(tensors, {n: run.fmt for n in unit.targets})
     run.writer.write(unit, file, stored, {"stats": stats}, p.state, metadata=meta)
     (run.writer.tmp / _inputs_file(unit.block)).unlink(missing_ok=True)
+
+
+def _read_block(reader, unit: Unit) -> dict[str, torch.Tensor]:
+    """A block's tensors, refusing a damaged target by name."""
+    tensors = reader.read(unit.names)
+    for name in unit.targets:
+        if not all_finite(tensors[name]):
+            raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: the checkpoint is damaged")
+    return tensors
 
 
 def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict:

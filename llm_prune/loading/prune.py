@@ -19,8 +19,8 @@ from ..config import PruneConfig
 from ..errors import UserError
 from ..magnitude import KeyTable, NonFinite, key_table, prune_count, table_threshold
 from ..methods import Method, prune_
-from .decode import DenseSource
 from ..spectrum import SpectrumCache
+from .decode import DenseSource
 from .keytables import TableCache, global_thresholds
 
 
