@@ -155,7 +155,7 @@ def test_alpha_export_with_omp(tiny_llama, tmp_path, monkeypatch):
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "ria"])
 def test_owl_export(tiny_llama, tmp_path, method):
     add_tokenizer(tiny_llama)
     out = tmp_path / method
