@@ -209,8 +209,8 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
         observers = first if i == 0 else observe(block, group, method, p.device, p.x, p.kwargs, p.dtype)
         for rel in group:
             name = rel_targets[rel]
-            new, keep = method.solve(tensors[name].to(p.device, torch.float32), observers.stat(rel), run.sparsity_of(name),
-                                     weight_in_first=run.arch.weight_in_first, calib=calib)
+            new, keep = method.solve(tensors[name].to(p.device, torch.float32), observers.stat(rel),
+                                     run.sparsity_of(name), weight_in_first=run.arch.weight_in_first, calib=calib)
             mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
             setattr(block.get_submodule(mod_path), pname, nn.Parameter(new.to(p.device, p.dtype), requires_grad=False))
             tensors[name] = stored = new.to(tensors[name].dtype).cpu()

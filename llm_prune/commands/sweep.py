@@ -103,6 +103,7 @@ def _fmt(value: float, lower: bool) -> str:
 
 def to_table(payload: dict, knees: dict) -> str:
     from ..report import table
+    from ..study.sweep import allocation_label
 
     curves = payload["curves"]
     header = ["level", "achieved", *[n + ("" if c["lower_is_better"] else " %") for n, c in curves.items()], "prune s", "eval s"]
@@ -111,8 +112,8 @@ def to_table(payload: dict, knees: dict) -> str:
         rows.append([lv["pattern"] or f"{lv['sparsity']:g}", f"{lv['achieved']:.4f}",
                      *[_fmt(c["values"][i], c["lower_is_better"]) for c in curves.values()],
                      f"{lv['prune_s']:.1f}", f"{lv['eval_s']:.1f}"])
-    alloc = f", allocation {payload['allocation']['name']} ±{payload['allocation']['band']:g}" if "allocation" in payload else ""
-    lines = [f"sweep of {payload['model']}: {payload['method']} ({payload['scope']} scope{alloc})", table(rows, header), ""]
+    lines = [f"sweep of {payload['model']}: {payload['method']} ({payload['scope']} scope{allocation_label(payload)})",
+             table(rows, header), ""]
     lines += [k.summary() for k in knees.values()]
     lines += ["", *payload["protocol"],
               f"time: pruning {payload['time']['prune_s']:.1f} s, evaluation {payload['time']['eval_s']:.1f} s"]

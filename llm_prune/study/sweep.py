@@ -331,6 +331,12 @@ def _allocation_json(cfg: SweepConfig) -> dict:
     return {"name": cfg.allocation, "band": d["band"], **({"owl_m": d["owl_m"]} if "owl_m" in d else {})}
 
 
+def allocation_label(payload: dict) -> str:
+    """", allocation owl ±0.08" for a sweep shared out between blocks, else nothing."""
+    a = payload.get("allocation")
+    return f", allocation {a['name']} ±{a['band']:g}" if a else ""
+
+
 def _protocols(result: dict) -> list[str]:
     from ..eval.results import protocol_lines
 
@@ -347,8 +353,8 @@ def markdown(payload: dict) -> list[str]:
     rows = [["dense", "", *[fmt(c["dense"], c) for c in curves.values()]]]
     rows += [[lv["pattern"] or f"{lv['sparsity']:g}", f"{lv['achieved']:.4f}",
               *[fmt(c["values"][i], c) for c in curves.values()]] for i, lv in enumerate(payload["levels"])]
-    alloc = f", allocation {payload['allocation']['name']} ±{payload['allocation']['band']:g}" if "allocation" in payload else ""
-    lines = [f"## Essential sparsity: {payload['method']} ({payload['scope']} scope{alloc}) on {payload['model']}", ""]
+    lines = [f"## Essential sparsity: {payload['method']} ({payload['scope']} scope{allocation_label(payload)}) "
+             f"on {payload['model']}", ""]
     lines += md_table(header, rows)
     lines += [f"- {k['summary']}" for k in payload["knees"].values()]
     lines += ["", f"Rule: {next(iter(payload['knees'].values()))['rule']}" if payload["knees"] else "", ""]
