@@ -33,8 +33,11 @@ def test_shares_are_exact_and_inside_the_band(blocks, s, kind, band):
     total = sum(numels.values())
     cfg = PruneConfig(sparsity=Sparsity(s), allocation=kind, band=band)
     lo, hi = A.band_edges(s, band)
-    if prune_count(total, s) > sum(sum(sz) - 1 for _, sz in blocks):
-        return  # too sparse to leave every block a weight: refused, tested below
+    his = [min(math.ceil(hi * sum(sz)), sum(sz) - 1) for _, sz in blocks]
+    if prune_count(total, s) > sum(his):  # too sparse to leave every block a weight inside the band: refused
+        with pytest.raises(A.UserError, match="cannot be shared out"):
+            A.allocate(cfg, metric, names, numels)
+        return
     shares = A.allocate(cfg, metric, names, numels)
     assert sum(shares.counts.values()) == prune_count(total, s)  # exact, to the weight
     for b, ns in names.items():
