@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="N:M pattern: keep at most N of every M weights along the input dim")
     p.add_argument("--scope", default="layer", choices=SCOPES,
                    help="layer: each matrix to the sparsity; global: one magnitude threshold over all targets")
+    add_allocation_arguments(p)
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="GLOB",
                    help="2-D block tensors to prune, by name within the block or full name (default: *.weight)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="block tensors to leave untouched")
@@ -98,9 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_allocation_arguments(p: argparse.ArgumentParser) -> None:
+    """--allocation and its settings (the prune verb and the sweep)."""
+    from .allocation import DEFAULT_BAND
+    from .config import ALLOCATIONS
+
+    bands = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BAND.items())
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="how the sparsity is shared between blocks: uniform (every matrix at it; default); "
+                        "owl (blocks with more activation outliers pruned less; calibrated methods); alpha "
+                        "(blocks with lighter-tailed weight spectra pruned more; data-free, any method). "
+                        "The average over all targets stays the requested sparsity exactly. Not with "
+                        "--scope global or --pattern, which fix each matrix's share themselves")
+    p.add_argument("--allocation-band", type=float, metavar="LAMBDA",
+                   help=f"owl/alpha: every block's sparsity stays within ±LAMBDA of the requested one "
+                        f"(default: {bands})")
+    p.add_argument("--owl-m", type=float, default=5.0, metavar="M",
+                   help="owl: a score above M × its block's mean is an outlier (default 5, as the paper)")
+
+
+def allocation_kwargs(args: argparse.Namespace) -> dict:
+    return {"allocation": args.allocation, "band": args.allocation_band, "owl_m": args.owl_m}
+
+
 def default_out(model: str, cfg) -> Path:
     name = Path(model.rstrip("/")).name if Path(model).is_dir() else model.split("/")[-1]
-    suffix = "-global" if cfg.scope == "global" else ""
+    suffix = ("-global" if cfg.scope == "global" else "") + ("" if cfg.allocation == "uniform" else f"-{cfg.allocation}")
     return Path(f"{name}-{cfg.method}-{cfg.sparsity.label}{suffix}")
 
 
@@ -183,11 +207,14 @@ def _prune(args: argparse.Namespace) -> int:
     from .calibration import calib_config_from_args
     from .config import PruneConfig, Sparsity
     from .eval import cli as eval_cli
+    from .methods import get_method
     from .models import resolve_model
     from .report import format_summary
 
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
-                      scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude))
+                      scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude),
+                      **allocation_kwargs(args))
+    get_method(cfg.method).check(cfg)  # a combination the method refuses, before any other work
     calib = calib_config_from_args(args)
     if args.no_save and args.save_mask:
         raise UserError("--save-mask writes the masks beside an export; --no-save writes none (drop one of them)")
@@ -213,6 +240,7 @@ def _prune(args: argparse.Namespace) -> int:
         model = from_pretrained(src, method=cfg.method, sparsity=None if cfg.sparsity.is_nm else cfg.sparsity.ratio,
                                 pattern=f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
                                 scope=cfg.scope, targets=cfg.targets, exclude=cfg.exclude,
+                                allocation=cfg.allocation, allocation_band=cfg.band,
                                 allow_pickle=args.allow_pickle, progress=progress, **_placement(settings))
         return _evaluate(src, _runtime(model, args), tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, asdict
 from .errors import UserError
 
 SCOPES = ("layer", "global")
+# How the requested sparsity is shared out between blocks (``llm_prune.allocation``).
+ALLOCATIONS = ("uniform", "owl", "alpha")
 # The window SparseGPT and Wanda calibrate with and measure LLaMA-family perplexity on: the
 # protocol both reference implementations pin, so our numbers compare with their tables.
 REFERENCE_SEQLEN = 2048
@@ -27,6 +29,16 @@ class Sparsity:
     ratio: float
     n: int | None = None
     m: int | None = None
+    # One matrix's share under a non-uniform allocation: exactly this many of its weights go.
+    # None: each method's own rounding of ``ratio`` (per matrix, per output row, per column block).
+    count: int | None = None
+
+    @staticmethod
+    def of_count(count: int, numel: int) -> "Sparsity":
+        """Exactly ``count`` of ``numel`` weights. ``ratio`` = count/numel is exact enough that
+        ``magnitude.prune_count(numel, ratio)`` gives ``count`` back (tests check it), so methods
+        that round the ratio per matrix prune exactly ``count`` with no change."""
+        return Sparsity(count / numel if numel else 0.0, count=count)
 
     @property
     def is_nm(self) -> bool:
@@ -89,16 +101,49 @@ class PruneConfig:
     # fnmatch patterns on tensor names relative to their block (e.g. "mlp.*", "*.q_proj.weight").
     targets: tuple[str, ...] = DEFAULT_TARGETS
     exclude: tuple[str, ...] = ()
+    allocation: str = "uniform"
+    band: float | None = None  # None: the allocation's default (``allocation.DEFAULT_BAND``)
+    owl_m: float = 5.0  # OWL's M: an outlier scores above M x its block's mean (the paper's LLaMA setting)
 
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise UserError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.scope == "global" and self.sparsity.is_nm:
             raise UserError("an N:M pattern is chosen per group of M weights; --scope global does not apply")
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "uniform":
+            if self.band is not None:
+                raise UserError("--allocation-band sets how far blocks may differ; give it with --allocation owl or alpha")
+            return
+        if self.scope == "global":
+            raise UserError(f"--allocation {self.allocation} does not apply to --scope global: one magnitude "
+                            "threshold already sets each matrix's share (use --scope layer)")
+        if self.sparsity.is_nm:
+            raise UserError(f"--allocation {self.allocation} does not apply to an N:M pattern, which fixes every "
+                            f"matrix at sparsity 1-N/M (use --sparsity)")
+        if self.band is not None and not 0.0 <= self.band < 1.0:  # also rejects nan
+            raise UserError(f"--allocation-band must be in [0, 1), got {self.band!r}")
+        if not self.owl_m > 0:
+            raise UserError(f"--owl-m must be positive, got {self.owl_m!r}")
+
+    @property
+    def allocation_band(self) -> float:
+        from .allocation import DEFAULT_BAND
+
+        return DEFAULT_BAND[self.allocation] if self.band is None else self.band
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["sparsity"] = self.sparsity.ratio
         d["pattern"] = f"{self.sparsity.n}:{self.sparsity.m}" if self.sparsity.is_nm else None
         d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+        # Uniform runs keep the keys they had before allocations existed: their run keys (resume),
+        # reports and caches stay what they were.
+        if self.allocation == "uniform":
+            del d["allocation"], d["band"], d["owl_m"]
+        else:
+            d["band"] = self.allocation_band
+            if self.allocation != "owl":
+                del d["owl_m"]
         return d

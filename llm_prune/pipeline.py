@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .arch import Arch, arch_for
 from .calibration import CalibConfig
-from .config import PruneConfig
+from .allocation import Shares, alpha_shares, finite
+from .config import PruneConfig, Sparsity
 from .errors import UserError
 from .fingerprint import file_sha256
 from .kernels.formats import check_encodable, encode_all
@@ -37,6 +38,7 @@ from .paths import check_apart
 from .reader import SAFE_INDEX, SPARSE_INDEX, CheckpointReader, TensorInfo, Unit
 from .report import build_report
 from .sequential import prune_sequential, saved_inputs_bytes
+from .spectrum import SpectrumCache
 from .study.compare import MASK_FILE
 from .targets import select_targets
 from .writer import Arena, ShardWriter, check_free_space
@@ -57,6 +59,11 @@ class Run:
     fmt: str = "dense"
     calib: CalibConfig | None = None
     progress: bool = True
+    shares: Shares | None = None  # a non-uniform allocation's count per target (None: uniform)
+
+    def sparsity_of(self, name: str) -> Sparsity:
+        """What ``name`` is pruned to: the run's sparsity, or its share of a non-uniform allocation."""
+        return self.cfg.sparsity if self.shares is None else self.shares.sparsity(name)
 
     def shard_name(self, pos: int) -> str:
         stem = "model" if self.fmt == "dense" else "sparse"
@@ -97,6 +104,9 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
         if calib is not None:
             needed += saved_inputs_bytes(reader.config, calib)
         check_free_space(out.parent, needed)
+        if cfg.allocation == "alpha":  # hashes the source first: the spectra are cached under its content
+            run.shares = alpha_shares(cfg, units, reader.infos, SpectrumCache(src, reader.files),
+                                      lambda names: _finite(reader, names), progress)
         # Hash the source in the background: it is I/O the pruning loop can overlap.
         with ThreadPoolExecutor(1) as pool:
             hashes = pool.submit(lambda: {f: file_sha256(src / f) for f in reader.files})
@@ -113,6 +123,12 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
     writer.finish(index, src, {"sparsity.json": report}, before_publish=_write_masks if save_mask else None,
                   manifest=writer.manifest)
     return report
+
+
+def _finite(reader: CheckpointReader, names: list[str]):
+    """(name, tensor) of ``names`` one at a time, refusing a damaged one by name."""
+    pairs = ((n, reader.read([n])[n]) for n in names) if reader.pickle else reader.read_mapped(names)
+    return finite(pairs, lambda n: reader.infos[n].file)
 
 
 def _write_masks(directory: Path) -> None:
@@ -229,10 +245,11 @@ def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left:
     is written with ``pwrite``: less system time than faulting in a mapping of the output one
     page at a time, and the output never occupies memory. Returns ({name: [numel, zeros]}, the
     global threshold's ties left)."""
-    reader, sparsity, wif = run.reader, run.cfg.sparsity, run.arch.weight_in_first
+    reader, wif = run.reader, run.arch.weight_in_first
     stats, buf = {}, None
     pickled = reader.read(unit.targets) if reader.pickle else None
     for name in unit.targets:  # in name order: the order a global threshold's ties are pruned in
+        sparsity = run.sparsity_of(name)
         src = pickled.pop(name) if pickled is not None else next(reader.read_mapped([name]))[1]
         at = (threshold.key, ties_left) if threshold is not None else None
         try:

@@ -58,6 +58,8 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
             "environment": environment(),
         },
     }
+    if getattr(run, "shares", None) is not None:
+        report["allocation"] = run.shares.report(per_tensor, cfg.owl_m if cfg.allocation == "owl" else None)
     if cfg.scope == "global":
         t = Threshold(**writer.state["threshold"])
         dtype = reader.infos[next(n for u in run.units for n in u.targets)].dtype  # OMP: the score is the weight
@@ -100,6 +102,15 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _allocation_table(alloc: dict) -> list[str]:
+    """Per block: its metric, and the sparsity it got (the targets' average is the requested one)."""
+    metric = alloc["metric"]
+    rows = [[f"block {b}", f"{v['params']:,}", f"{v[metric]:.4g}", f"{v['sparsity']:.4f}"]
+            for b, v in sorted(alloc["blocks"].items(), key=lambda kv: int(kv[0]))]
+    return [f"allocation {alloc['name']} (band ±{alloc['band']:g}):",
+            table(rows, ["block", "params", metric, "sparsity"])]
+
+
 def format_summary(report: dict, out: Path) -> str:
     ach, run = report["achieved"], report["run"]
     rows = [[kind, f"{v['params']:,}", f"{v['sparsity']:.4f}"] for kind, v in ach["by_type"].items()]
@@ -113,6 +124,8 @@ def format_summary(report: dict, out: Path) -> str:
         f"output {human_bytes(run['output_bytes'])} ({report['format']})"
         + (f"   resumed after {run['resumed_units']} of {run['units']} units" if run["resumed_units"] else ""),
     ]
+    if "allocation" in report:
+        lines[2:2] = _allocation_table(report["allocation"])
     if "threshold" in report:
         lines.append(f"global threshold |w| = {report['threshold']['magnitude']:.6g}")
     lines.append(f"wrote {out} (details in {Path(out) / 'sparsity.json'})")

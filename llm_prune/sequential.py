@@ -1,4 +1,4 @@
-"""Calibrated pruning (SparseGPT, Wanda) over the block stream, one block in memory at a time.
+"""Calibrated pruning (SparseGPT, Wanda, RIA) over the block stream, one block in memory at a time.
 
     windows  = calibration token windows           [nsamples, seqlen]
     skeleton = the model on the meta device         nothing allocated
@@ -30,12 +30,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
+from .allocation import Shares, allocate, outlier_ratio, target_blocks
+from .blocks import Observers, build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
 from .calibration import CalibConfig, calibration_windows
 from .errors import UserError
 from .kernels.formats import encode_all
 from .magnitude import all_finite
 from .methods import get_method
+from .methods.wanda import InputNorms, wanda_scores
 from .reader import Unit
 from .runtime import load_tokenizer, resolve_device
 from .writer import ShardWriter
@@ -87,6 +89,11 @@ def prune_sequential(run) -> dict:
     p = _Pass(device, dtype, torch.device("cpu") if calib.offload else device, {**writer.state, "calibration": run_key})
     if pending:
         report |= _start(run, p, seqlen)
+    if cfg.allocation == "owl":
+        t0 = time.perf_counter()
+        run.shares = _owl_shares(run, p, blocks_in_order, first=bool(pending) and pending[0] == 0)
+        p.state["allocation"] = run.shares.to_state()
+        report["owl_first_pass_s"] = round(time.perf_counter() - t0, 3)  # what the second pass costs
     bar = tqdm(run.units, desc=f"{cfg.method} {cfg.sparsity}", unit="block", disable=not run.progress)
     with torch.no_grad():
         for pos, unit in enumerate(bar):
@@ -123,14 +130,51 @@ def _start(run, p: _Pass, seqlen: int) -> dict:
     return info
 
 
+def _owl_shares(run, p: _Pass, blocks: list[Unit], first: bool) -> Shares:
+    """OWL's outlier ratio of every block (``allocation.outlier_ratio``), then the shares.
+
+    Two passes, because OWL's map normalises each block's ratio by the minimum and maximum over
+    all blocks: no block's sparsity is known before the last block's ratio is. This first pass is
+    statistics only: each dense block is read and run once, with hooks summing its targets' input
+    norms (Wanda's statistic, whatever the method: OWL's scores are Wanda's), and its outputs are
+    the next block's inputs (the dense model's activations, as OWL's reference code takes them).
+    No solver runs and nothing is written: one read and one forward per block on top of the
+    pruning pass. Block 0's inputs wait on disk meanwhile (not a second copy in memory). A resumed
+    run reads the shares from progress.jsonl instead.
+    """
+    cfg, reader, arch, writer = run.cfg, run.reader, run.arch, run.writer
+    names, numels = target_blocks(run.units, reader.infos)
+    if "allocation" in p.state or not first:
+        if "allocation" not in p.state:
+            raise UserError(f"{writer.tmp} holds no OWL allocation to resume with; delete it to start over")
+        return Shares.from_state(p.state["allocation"], names, numels)
+    _save_inputs(writer, 0, p.x)
+    metric = {}
+    for unit in tqdm(blocks, desc="owl outlier ratios", unit="block", disable=not run.progress, leave=False):
+        tensors = _read_block(reader, unit)
+        with torch.no_grad():
+            block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
+            rels = {arch.block_of(n)[1]: n for n in unit.targets}
+            observers = Observers(block, list(rels), InputNorms, p.device)
+            run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward)
+            observers.remove()
+        if unit.targets:
+            wif = arch.weight_in_first
+            metric[unit.block] = outlier_ratio([wanda_scores(tensors[n].t() if wif else tensors[n],
+                                                             observers.stat(r).norms) for r, n in rels.items()],
+                                               cfg.owl_m)
+        p.blocks[unit.block] = block.to("meta")
+        del tensors, block
+    p.x.copy_(_load_inputs(writer, 0, p.x))
+    (writer.tmp / _inputs_file(0)).unlink(missing_ok=True)
+    return allocate(cfg, metric, names, numels)
+
+
 def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     """One block: read it, observe and solve its targets, run it pruned for the next block's
     inputs (saved before the block counts as done), write its shard, free it."""
     reader, arch = run.reader, run.arch
-    tensors = reader.read(unit.names)
-    for name in unit.targets:
-        if not all_finite(tensors[name]):
-            raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: the checkpoint is damaged")
+    tensors = _read_block(reader, unit)
     block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
     stats = _solve_targets(run, p, block, unit, tensors)
     if unit.block < len(p.blocks) - 1:
@@ -140,6 +184,15 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     stored, meta = encode_all(tensors, {n: run.fmt for n in unit.targets})
     run.writer.write(unit, file, stored, {"stats": stats}, p.state, metadata=meta)
     (run.writer.tmp / _inputs_file(unit.block)).unlink(missing_ok=True)
+
+
+def _read_block(reader, unit: Unit) -> dict[str, torch.Tensor]:
+    """A block's tensors, refusing a damaged target by name."""
+    tensors = reader.read(unit.names)
+    for name in unit.targets:
+        if not all_finite(tensors[name]):
+            raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: the checkpoint is damaged")
+    return tensors
 
 
 def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict:
@@ -156,8 +209,8 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
         observers = first if i == 0 else observe(block, group, method, p.device, p.x, p.kwargs, p.dtype)
         for rel in group:
             name = rel_targets[rel]
-            new, keep = method.solve(tensors[name].to(p.device, torch.float32), observers.stat(rel), run.cfg.sparsity,
-                                     weight_in_first=run.arch.weight_in_first, calib=calib)
+            new, keep = method.solve(tensors[name].to(p.device, torch.float32), observers.stat(rel),
+                                     run.sparsity_of(name), weight_in_first=run.arch.weight_in_first, calib=calib)
             mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
             setattr(block.get_submodule(mod_path), pname, nn.Parameter(new.to(p.device, p.dtype), requires_grad=False))
             tensors[name] = stored = new.to(tensors[name].dtype).cpu()

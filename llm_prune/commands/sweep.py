@@ -2,6 +2,7 @@
 
     llm-prune sweep smollm2-135m --method omp --sparsities 0.1:0.7:0.05 --eval ppl,arc_easy --eval-limit 500
     llm-prune sweep MODEL --method wanda --pattern 2:4,4:8 --eval ppl
+    llm-prune sweep MODEL --method omp --sparsities 0.4:0.7:0.1 --allocation alpha   the knee, moved by allocation
     llm-prune sweep MODEL --sparsities 0.75,0.8 --out DIR --resume      extend a finished sweep
 """
 
@@ -15,6 +16,7 @@ from .finetune import add_training_arguments, config_from_args
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..calibration import add_calibration_arguments
+    from ..cli import add_allocation_arguments
     from ..config import SCOPES
     from ..eval import cli as eval_cli
     from ..methods import METHODS
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="levels: START:STOP:STEP (inclusive) or a comma list (default: 0.1:0.7:0.05 unless --pattern)")
     p.add_argument("--pattern", help="N:M levels, comma-separated (e.g. 2:4,4:8), each at its own sparsity 1-N/M")
     p.add_argument("--scope", default="layer", choices=SCOPES, help="layer, or global (one threshold, data-free methods)")
+    add_allocation_arguments(p)
     add_selection_arguments(p)
     p.add_argument("--eval", default="ppl", metavar="TASKS",
                    help="comma-separated: ppl, arc_easy, piqa, hellaswag, mmlu or lm-eval task names (default: ppl)")
@@ -47,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..calibration import calib_config_from_args
+    from ..cli import allocation_kwargs
     from ..errors import UserError
     from ..eval import cli as eval_cli
     from ..models import resolve_model
@@ -57,14 +61,17 @@ def run(args: argparse.Namespace) -> int:
     levels = tuple(levels_from(sparsities, args.pattern))
     if args.method == "lth" and not args.finetune:
         raise UserError("lottery tickets are found by fine-tuning: give --finetune TASK")
+    if args.finetune and args.allocation != "uniform":
+        raise UserError("--allocation shares sparsity out for --eval sweeps; --finetune prunes uniformly (drop one)")
     finetune = config_from_args(args, task=args.finetune, sparsity=levels[0]) if args.finetune else None
     tasks = (finetune.task.rstrip("/").split("/")[-1],) if finetune else tuple(eval_cli.parse_tasks(args.eval))
     cfg = SweepConfig(method=args.method, scope=args.scope, levels=levels, targets=tuple(args.targets),
                       exclude=tuple(args.exclude), tasks=tasks, epsilon_points=args.epsilon,
-                      ppl_epsilon=args.ppl_epsilon, save_masks=args.save_mask)
+                      ppl_epsilon=args.ppl_epsilon, save_masks=args.save_mask, **allocation_kwargs(args))
     settings = eval_cli.settings_from_args(args, prefix="eval-", progress=not args.quiet)
     src = resolve_model(args.model)
-    what = f"{args.method}{'-global' if args.scope == 'global' else ''}{'-' + tasks[0] if finetune else ''}"
+    what = (f"{args.method}{'-global' if args.scope == 'global' else ''}{'-' + tasks[0] if finetune else ''}"
+            f"{'' if args.allocation == 'uniform' else '-' + args.allocation}")
     out = Output(args.out or default_out(args.model, f"sweep-{what}"),
                  overwrite=args.overwrite, resume=args.resume)
     try:
@@ -96,6 +103,7 @@ def _fmt(value: float, lower: bool) -> str:
 
 def to_table(payload: dict, knees: dict) -> str:
     from ..report import table
+    from ..study.sweep import allocation_label
 
     curves = payload["curves"]
     header = ["level", "achieved", *[n + ("" if c["lower_is_better"] else " %") for n, c in curves.items()], "prune s", "eval s"]
@@ -104,7 +112,8 @@ def to_table(payload: dict, knees: dict) -> str:
         rows.append([lv["pattern"] or f"{lv['sparsity']:g}", f"{lv['achieved']:.4f}",
                      *[_fmt(c["values"][i], c["lower_is_better"]) for c in curves.values()],
                      f"{lv['prune_s']:.1f}", f"{lv['eval_s']:.1f}"])
-    lines = [f"sweep of {payload['model']}: {payload['method']} ({payload['scope']} scope)", table(rows, header), ""]
+    lines = [f"sweep of {payload['model']}: {payload['method']} ({payload['scope']} scope{allocation_label(payload)})",
+             table(rows, header), ""]
     lines += [k.summary() for k in knees.values()]
     lines += ["", *payload["protocol"],
               f"time: pruning {payload['time']['prune_s']:.1f} s, evaluation {payload['time']['eval_s']:.1f} s"]

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..allocation import Shares, alpha_shares, finite
 from ..config import PruneConfig
 from ..errors import UserError
 from ..magnitude import KeyTable, NonFinite, key_table, prune_count, table_threshold
 from ..methods import Method, prune_
+from ..spectrum import SpectrumCache
 from .decode import DenseSource
 from .keytables import TableCache, global_thresholds
 
@@ -34,6 +36,7 @@ class PruneState:
     applied: dict[str, tuple[int, int]] = field(default_factory=dict)
     tables: dict[str, KeyTable] = field(default_factory=dict)
     checkpoint_names: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint name
+    shares: Shares | None = None  # a non-uniform allocation's counts, by checkpoint name
 
     def renamed(self, names: dict[str, str]) -> "PruneState":
         """The same state under the model's parameter names (``names``: checkpoint -> model)."""
@@ -41,21 +44,26 @@ class PruneState:
                           [names[n] for n in self.order if n in names],
                           {names[n]: v for n, v in self.applied.items() if n in names},
                           {names[n]: v for n, v in self.tables.items() if n in names},
-                          {names[n]: n for n in self.order if n in names})
+                          {names[n]: n for n in self.order if n in names}, self.shares)
 
 
 class LoadPruner:
     """``prepare()`` once in the reading thread, then ``pruner(name, mapped tensor)`` -> pruned copy."""
 
     def __init__(self, source: DenseSource, method: Method, state: PruneState, progress: bool,
-                 saver: ThreadPoolExecutor | None = None):
-        self.source, self.method, self.state = source, method, state
+                 saver: ThreadPoolExecutor | None = None, units: list | None = None):
+        self.source, self.method, self.state, self.units = source, method, state, units
         self.progress, self.saver = progress, saver
         self.thresholds: dict[str, tuple[int, int]] = {}
 
     def prepare(self) -> None:
         """Global scope: every target's (key, ties) first; the table pass overlaps the model build."""
         cfg = self.state.config
+        if cfg.allocation == "alpha":  # every target's spectrum first (cached: later loads read none)
+            src, reader = self.source, self.source.reader
+            self.state.shares = alpha_shares(cfg, self.units, src.infos, SpectrumCache(reader.path, reader.files),
+                                             lambda names: finite(src.read(names, mapped=names), src.file_of),
+                                             self.progress)
         if cfg.scope == "global":
             self.thresholds, tables = global_thresholds(TableCache(self.source, self.method), self.state.order,
                                                         cfg.sparsity.ratio, self.progress, self.saver)
@@ -65,6 +73,7 @@ class LoadPruner:
         # Targets arrive mapped from the file; their pruned weights are written into fresh memory,
         # the model's own: the weights cross memory once, and the file is never written.
         cfg, state = self.state.config, self.state
+        sparsity = cfg.sparsity if state.shares is None else state.shares.sparsity(name)
         out = torch.empty(src.shape, dtype=src.dtype)
         try:
             threshold = self.thresholds.get(name)
@@ -72,10 +81,10 @@ class LoadPruner:
                 # The layer threshold read off the tensor's key table, kept for set_sparsity.
                 table = key_table(self.method.score(src))
                 if not table.wide:
-                    t, _ = table_threshold([table], prune_count(src.numel(), cfg.sparsity.ratio))
+                    t, _ = table_threshold([table], prune_count(src.numel(), sparsity.ratio))
                     threshold = state.applied[name] = (t.key, t.ties)
                     state.tables[name] = table
-            prune_(self.method, src, cfg.sparsity, state.weight_in_first, threshold=threshold, out=out)
+            prune_(self.method, src, sparsity, state.weight_in_first, threshold=threshold, out=out)
         except NonFinite:
             raise UserError(f"{name} (in {self.source.file_of(name)}) has inf or nan values: "
                             "the checkpoint is damaged") from None

@@ -45,6 +45,9 @@ def set_sparsity(model, sparsity: float) -> None:
     if not method.nested or cfg.sparsity.is_nm:
         raise UserError(f"set_sparsity raises unstructured OMP masks; this model was pruned with {cfg.method} "
                         f"{cfg.sparsity}: load it again with the new setting")
+    if cfg.allocation != "uniform":
+        raise UserError(f"set_sparsity raises every matrix by one rule; this model's sparsity was shared out by "
+                        f"--allocation {cfg.allocation}: load it again with the new setting")
     new = Sparsity.parse(sparsity)
     if new.ratio < cfg.sparsity.ratio:
         raise UserError(f"lowering sparsity from {cfg.sparsity.ratio:g} to {new.ratio:g} needs the dense weights, "
@@ -80,7 +83,7 @@ def set_sparsity(model, sparsity: float) -> None:
             prune_(method, w, new, state.weight_in_first, threshold=plan[n] if plan is not None else None)
             if w.data_ptr() != p.data_ptr():
                 p.data.copy_(w.to(p.device, p.dtype))
-    state.config = PruneConfig(cfg.method, new, cfg.scope, cfg.targets, cfg.exclude)
+    state.config = PruneConfig(cfg.method, new, cfg.scope, cfg.targets, cfg.exclude)  # uniform: checked above
     if have_tables:
         state.applied = target  # thresholds are recorded against the original weights
 

@@ -69,6 +69,9 @@ class Method:
             raise UserError(f"--scope global does not apply to {self.name}: it is one threshold on a data-free "
                             f"score across all targets, and {self.name} prunes each matrix from its own "
                             "calibration statistics (use --scope layer)")
+        if cfg.allocation == "owl" and self.score is not None:
+            raise UserError(f"--allocation owl weighs blocks by their calibration activations, which {self.name} "
+                            "never reads (use --allocation alpha: data-free, from each matrix's spectrum)")
 
 
 METHODS: dict[str, Method] = {}

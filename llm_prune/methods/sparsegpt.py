@@ -106,8 +106,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
         err1 = torch.zeros_like(W1)
-        keep1 = (unstructured_keep(W1.square() / d.square(), sparsity.ratio) if not sparsity.is_nm
-                 else torch.ones_like(W1, dtype=torch.bool))
+        keep1 = (unstructured_keep(W1.square() / d.square(), _block_ratio(sparsity, rows, cols, i1, i2))
+                 if not sparsity.is_nm else torch.ones_like(W1, dtype=torch.bool))
         for i in range(i2 - i1):
             if sparsity.is_nm and i % sparsity.m == 0:
                 g = slice(i, i + sparsity.m)
@@ -125,6 +125,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     if weight_in_first:
         out, keep = out.t().contiguous(), keep.t().contiguous()
     return out, keep
+
+
+def _block_ratio(sparsity: Sparsity, rows: int, cols: int, i1: int, i2: int) -> float:
+    """The ratio pruned in columns i1:i2: the sparsity itself, or, for an exact ``count`` (a share
+    of a non-uniform allocation), the block's part of it by cumulative rounding, so the blocks'
+    counts sum to ``count`` exactly (``prune_count`` gives back count/numel · numel exactly)."""
+    if sparsity.count is None:
+        return sparsity.ratio
+    part = round(sparsity.count * i2 / cols) - round(sparsity.count * i1 / cols)
+    return part / (rows * (i2 - i1))
 
 
 def _solve(weight, stat: Hessian, sparsity: Sparsity, *, weight_in_first: bool, calib) -> tuple[torch.Tensor, torch.Tensor]:

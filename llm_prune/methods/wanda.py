@@ -50,9 +50,28 @@ def row_keep(score: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
     """Keep-mask [out, in] that prunes the smallest scores of each output row (N:M: of every M inputs)."""
     if sparsity.is_nm:
         return nm_keep(score, sparsity.n, sparsity.m)
+    if sparsity.count is not None:
+        return _exact_row_keep(score, sparsity.count)
     k = prune_count(score.shape[1], sparsity.ratio)
     pruned = torch.sort(score, dim=1, stable=True).indices[:, :k]
     return torch.ones_like(score, dtype=torch.bool).scatter_(1, pruned, False)
+
+
+def _exact_row_keep(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune exactly ``count`` weights, compared within rows (a share of a non-uniform allocation).
+
+    Every row prunes its ``count // rows`` smallest; the ``count % rows`` weights left to go are
+    the smallest among each row's next candidate (ties to the earlier row), so rows differ by
+    one weight at most and the extra ones go where they cost least."""
+    rows, cols = score.shape
+    q, r = divmod(count, rows)
+    order = torch.sort(score, dim=1, stable=True).indices
+    keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, order[:, :q], False)
+    if r:
+        nxt = score.gather(1, order[:, q:q + 1]).squeeze(1)
+        extra = torch.sort(nxt, stable=True).indices[:r]
+        keep[extra, order[extra, q]] = False
+    return keep
 
 
 def _solve(weight, stat: InputNorms, sparsity: Sparsity, *, weight_in_first: bool, calib) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,15 @@
 """The essential-sparsity curve: the dense model once, then every sparsity level, and the knee of each metric.
 
     llm-prune sweep MODEL --method omp --sparsities 0.1:0.7:0.05 --eval ppl,arc_easy [--scope global]
+    llm-prune sweep MODEL --method wanda --sparsities 0.5:0.7:0.1 --allocation owl     the knee, moved by allocation
 
 How a level is made depends on what the method is, never on its name:
 
 * nested data-free methods (OMP): one load, pruned while loading at the lowest level, then raised
   in memory to every next level (``set_sparsity`` reads each threshold off the key tables kept
   from loading: no reload, no sort);
-* other data-free methods: pruned while loading, once per level;
+* other data-free methods, and any under a non-uniform allocation: pruned while loading, once per
+  level;
 * calibrated methods (SparseGPT, Wanda): each level exported (calibration runs per level) into a
   scratch directory, loaded and evaluated, then deleted.
 
@@ -50,6 +52,9 @@ class SweepConfig:
     epsilon_points: float = 1.0  # accuracy metrics: absolute, in points (1.0 = 0.01)
     ppl_epsilon: float = 0.05  # perplexity: relative to dense (0.05 = +5%)
     save_masks: bool = False
+    allocation: str = "uniform"  # as PruneConfig's: every level shared out between blocks the same way
+    band: float | None = None
+    owl_m: float = 5.0
 
     def __post_init__(self):
         if not self.levels:
@@ -60,12 +65,15 @@ class SweepConfig:
             raise UserError("--epsilon and --ppl-epsilon must be >= 0")
 
     def prune_config(self, level: Sparsity) -> PruneConfig:
-        return PruneConfig(self.method, level, self.scope, self.targets, self.exclude)
+        return PruneConfig(self.method, level, self.scope, self.targets, self.exclude, self.allocation, self.band,
+                           self.owl_m)
 
     def key(self) -> dict:
         """What a resumed sweep must share with the levels it finds (the levels themselves may differ)."""
         d = asdict(self)
         del d["levels"], d["save_masks"], d["epsilon_points"], d["ppl_epsilon"]
+        if self.allocation == "uniform":  # the keys of sweeps made before allocations existed
+            del d["allocation"], d["band"], d["owl_m"]
         return d
 
 
@@ -168,7 +176,8 @@ def _levels_in_memory(src, cfg: SweepConfig, todo, settings, out: Output, calib,
     model, loaded_at = None, None
     for level in sorted(todo, key=lambda lv: lv.ratio):
         t0 = time.perf_counter()
-        if model is not None and method.nested and not level.is_nm and not loaded_at.is_nm:
+        # A non-uniform allocation shares each level out anew: no raising in memory.
+        if model is not None and method.nested and not level.is_nm and not loaded_at.is_nm and cfg.allocation == "uniform":
             set_sparsity(model, level.ratio)
             how = "raised in memory"
         else:
@@ -205,7 +214,7 @@ def _levels_exported(src, cfg: SweepConfig, todo, settings, out: Output, calib, 
 def _prune_kwargs(cfg: SweepConfig, level: Sparsity) -> dict:
     nm = f"{level.n}:{level.m}" if level.is_nm else None
     return dict(method=cfg.method, sparsity=None if nm else level.ratio, pattern=nm, scope=cfg.scope,
-                targets=cfg.targets, exclude=cfg.exclude)
+                targets=cfg.targets, exclude=cfg.exclude, allocation=cfg.allocation, allocation_band=cfg.band)
 
 
 def _placement(settings) -> dict:
@@ -304,6 +313,7 @@ def summarize(cfg: SweepConfig, records: list[dict], dense: dict, source_name: s
                         "values": s["values"], "stderr": s["stderr"], "lower_is_better": lower}
     payload = {
         "model": source_name, "method": cfg.method, "scope": cfg.scope, "targets": list(cfg.targets),
+        **({"allocation": _allocation_json(cfg)} if cfg.allocation != "uniform" else {}),
         "exclude": list(cfg.exclude), "tasks": list(cfg.tasks),
         "epsilon": {"accuracy": f"{cfg.epsilon_points:g} point(s) absolute", "perplexity": f"+{100 * cfg.ppl_epsilon:g}% relative"},
         "levels": [{k: r[k] for k in ("label", "sparsity", "pattern", "achieved", "how", "prune_s", "eval_s")}
@@ -315,6 +325,17 @@ def summarize(cfg: SweepConfig, records: list[dict], dense: dict, source_name: s
                  "eval_s": round(sum(r["eval_s"] for r in records), 3)},
     }
     return payload, knees
+
+
+def _allocation_json(cfg: SweepConfig) -> dict:
+    d = cfg.prune_config(next(lv for lv in cfg.levels)).to_json()
+    return {"name": cfg.allocation, "band": d["band"], **({"owl_m": d["owl_m"]} if "owl_m" in d else {})}
+
+
+def allocation_label(payload: dict) -> str:
+    """", allocation owl ±0.08" for a sweep shared out between blocks, else nothing."""
+    a = payload.get("allocation")
+    return f", allocation {a['name']} ±{a['band']:g}" if a else ""
 
 
 def _protocols(result: dict, finetune: dict | None) -> list[str]:
@@ -340,7 +361,8 @@ def markdown(payload: dict) -> list[str]:
     rows = [["dense", "", *[fmt(c["dense"], c) for c in curves.values()]]]
     rows += [[lv["pattern"] or f"{lv['sparsity']:g}", f"{lv['achieved']:.4f}",
               *[fmt(c["values"][i], c) for c in curves.values()]] for i, lv in enumerate(payload["levels"])]
-    lines = [f"## Essential sparsity: {payload['method']} ({payload['scope']} scope) on {payload['model']}", ""]
+    lines = [f"## Essential sparsity: {payload['method']} ({payload['scope']} scope{allocation_label(payload)}) "
+             f"on {payload['model']}", ""]
     lines += md_table(header, rows)
     lines += [f"- {k['summary']}" for k in payload["knees"].values()]
     lines += ["", f"Rule: {next(iter(payload['knees'].values()))['rule']}" if payload["knees"] else "", ""]
