@@ -41,6 +41,7 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", nargs="+", choices=[f"{t}-{m}" for t in TASKS for m in ("omp", "lth")] + ["digits-omp"],
                    help="sweeps to run (default: all); the figures use every finished one")
+    p.add_argument("--figures-only", action="store_true", help="run nothing: redraw the figures from the finished sweeps")
     p.add_argument("--train", nargs=argparse.REMAINDER, default=["--epochs", "5", "--lr", "1e-4"],
                    help="fine-tuning options for the text tasks (default: --epochs 5 --lr 1e-4, see above)")
     args = p.parse_args()
@@ -55,7 +56,7 @@ def main() -> int:
     plan["digits-omp"] = ["vit-digits", "--finetune", "digits", "--method", "omp", "--sparsities", "0.1:0.8:0.1",
                           "--epochs", "20", "--lr", "1e-3"]
     for name, argv in plan.items():
-        if not args.only or name in args.only:
+        if not args.figures_only and (not args.only or name in args.only):
             llm_prune("sweep", *argv, *common, "--out", args.work / name, log=log)
     # the figures take every finished sweep, from this run or an earlier one
     runs = {tuple(name.split("-")): args.work / name for name in plan if (args.work / name / "sweep.json").is_file()}
@@ -101,7 +102,7 @@ def figures(runs: dict, similarity: dict, report: Path) -> None:
         if series:
             (main, dense), *rest = series.values()
             label = next(iter(series))
-            knee_plot(report / f"{task}-omp-vs-lth.png", f"{task} accuracy", main.levels, main.values, dense, main.knee,
+            knee_plot(report / f"{task}-{'-vs-'.join(series)}.png", f"{task} accuracy", main.levels, main.values, dense, main.knee,
                       stderr=main.stderr, series_label=label,
                       extra_series={m: s for m, (s, _) in list(series.items())[1:]})
     if similarity:
