@@ -49,6 +49,8 @@ def main() -> int:
     p.add_argument("--levels", default="0.1:0.7:0.05")
     p.add_argument("--limit", type=int, default=100, help="ARC-Easy / PIQA questions per level")
     p.add_argument("--only", nargs="+", choices=list(SWEEPS), help="sweeps to run (default: all)")
+    p.add_argument("--figures-only", action="store_true",
+                   help="run no sweep and no inspect: compare the saved masks and draw the figures from what is finished")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "study.log"
@@ -56,20 +58,22 @@ def main() -> int:
              "--eval-data", "local", "--save-mask", "--quiet"]
     seconds = {}
     for name, method in SWEEPS.items():
-        if args.only and name not in args.only:
+        if args.figures_only or (args.only and name not in args.only):
             continue
         out = args.work / f"sweep-{name}"
         seconds[name] = llm_prune("sweep", "smollm2-135m", *method, "--sparsities", args.levels, *evals,
                                   "--out", out, "--resume", "--report", log=log)
-    llm_prune("inspect", "smollm2-135m", "--sparsity", "0.4", "--scope", "global", "--out", args.work / "inspect-0.4-global",
-              "--overwrite", "--report", "--quiet", log=log)
+    if not args.figures_only:
+        llm_prune("inspect", "smollm2-135m", "--sparsity", "0.4", "--scope", "global", "--out", args.work / "inspect-0.4-global",
+                  "--overwrite", "--report", "--quiet", log=log)
     for level in MASK_LEVELS:
         masks = [args.work / f"sweep-{m}" / "masks" / f"{level}.safetensors" for m in ("omp-layer", "wanda", "sparsegpt")]
         if all(m.is_file() for m in masks):
             llm_prune("masks", "compare", *masks, "--labels", "omp,wanda,sparsegpt", "--out",
                       args.work / f"masks-{level}", "--overwrite", "--report", "--quiet", log=log)
     figures(args.work, args.report)
-    (args.work / "study-seconds.json").write_text(json.dumps(seconds, indent=1))
+    if seconds:
+        (args.work / "study-seconds.json").write_text(json.dumps(seconds, indent=1))
     return 0
 
 
