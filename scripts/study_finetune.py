@@ -109,7 +109,8 @@ def figures(runs: dict, similarity: dict, report: Path) -> None:
         levels = sorted({float(lv) for v in similarity.values() for lv in v})
         lines_over_steps(report / "omp-vs-lth-mask-cosine.png", levels,
                          {t: [v[f"{lv:g}"] for lv in levels if f"{lv:g}" in v] for t, v in similarity.items()},
-                         "keep-mask cosine similarity", "MiniLM: OMP vs lottery-ticket masks vs sparsity")
+                         "keep-mask cosine similarity", "MiniLM: OMP vs lottery-ticket masks vs sparsity",
+                         xlabel="sparsity")
 
 
 if __name__ == "__main__":

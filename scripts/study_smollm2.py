@@ -124,7 +124,8 @@ def figures(work: Path, report: Path) -> None:
         levels = sorted({lv for pts in overall.values() for lv, _ in pts})
         lines_over_steps(report / "mask-cosine-overall.png", levels,
                          {k: [c for _, c in sorted(v)] for k, v in overall.items()},
-                         "keep-mask cosine similarity", "SmolLM2-135M: masks of OMP, Wanda, SparseGPT vs sparsity")
+                         "keep-mask cosine similarity", "SmolLM2-135M: masks of OMP, Wanda, SparseGPT vs sparsity",
+                         xlabel="sparsity")
 
 
 if __name__ == "__main__":

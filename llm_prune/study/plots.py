@@ -192,9 +192,9 @@ def histograms(path, panels: Sequence[tuple], xlabel: str, log_y: bool = True) -
 
 
 def lines_over_steps(path, steps: Sequence[float], series: Mapping[str, Sequence[float]], ylabel: str,
-                     title: str, marks: Sequence | None = None) -> Path:
-    """Lines over training steps; ``marks`` are steps to flag (a step, or (step, label)), drawn as
-    red vertical lines, e.g. where the sparsity of a checkpoint jumps."""
+                     title: str, marks: Sequence | None = None, xlabel: str = "step") -> Path:
+    """Lines over training steps (or any x: ``xlabel``, e.g. "sparsity"); ``marks`` are steps to flag
+    (a step, or (step, label)), drawn as red vertical lines, e.g. where the sparsity of a checkpoint jumps."""
     fig = _new_figure((6.4, 4.0))
     ax = fig.add_subplot()
     for label, ys in series.items():
@@ -205,7 +205,7 @@ def lines_over_steps(path, steps: Sequence[float], series: Mapping[str, Sequence
         if label:
             ax.annotate(str(label), xy=(step, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                         textcoords="offset points", color="red", fontsize=7)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
