@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -106,3 +107,24 @@ def add_tokenizer(model_dir: Path) -> Path:
     tok.train_from_iterator(embedded_passages("calib")[:100], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
     return model_dir
+
+
+@contextlib.contextmanager
+def interrupted_after_writes(monkeypatch, n: int = 2):
+    """Inside, the writer raises KeyboardInterrupt once ``n`` units are written (a run stopped
+    mid-way); yields the keys of the units written. The real writer is back on exit."""
+    from llm_prune.writer import ShardWriter
+
+    real, written = ShardWriter.write, []
+
+    def write(self, unit, *args, **kw):
+        if len(written) == n:
+            raise KeyboardInterrupt
+        real(self, unit, *args, **kw)
+        written.append(unit.key)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+    try:
+        yield written
+    finally:
+        monkeypatch.setattr(ShardWriter, "write", real)

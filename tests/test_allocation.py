@@ -18,7 +18,7 @@ from llm_prune.methods.sparsegpt import sparsegpt_prune
 from llm_prune.methods.wanda import InputNorms, row_keep
 from llm_prune.spectrum import hill_alpha
 
-from .helpers import add_tokenizer, digest, load_dir
+from .helpers import add_tokenizer, digest, interrupted_after_writes, load_dir
 
 
 # -- the shares ---------------------------------------------------------------------------------------
@@ -237,25 +237,14 @@ def test_sweep_refuses_bad_allocations(tiny_llama, tmp_path, capsys, args, match
 def test_owl_resume_reads_its_shares_back(tiny_llama, tmp_path, monkeypatch):
     from llm_prune import prune_checkpoint
     from llm_prune.calibration import CalibConfig, embedded_passages
-    from llm_prune.writer import ShardWriter
 
     add_tokenizer(tiny_llama)
     (tmp_path / "calib.txt").write_text("\n\n".join(embedded_passages("calib")[:12]))
     calib = CalibConfig(source=str(tmp_path / "calib.txt"), nsamples=4, seqlen=32, seed=0)
     cfg = PruneConfig(method="wanda", sparsity=Sparsity(0.5), allocation="owl")
     prune_checkpoint(tiny_llama, cfg, tmp_path / "full", calib=calib, progress=False)
-    real_write, written = ShardWriter.write, []
-
-    def write_two_then_die(self, unit, *args, **kw):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        real_write(self, unit, *args, **kw)
-        written.append(unit.key)
-
-    monkeypatch.setattr(ShardWriter, "write", write_two_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_writes(monkeypatch), pytest.raises(KeyboardInterrupt):
         prune_checkpoint(tiny_llama, cfg, tmp_path / "resumed", calib=calib, progress=False)
-    monkeypatch.setattr(ShardWriter, "write", real_write)
     monkeypatch.setattr("llm_prune.sequential.outlier_ratio", lambda *a: pytest.fail("OWL's first pass ran again"))
     report = prune_checkpoint(tiny_llama, cfg, tmp_path / "resumed", calib=calib, resume=True, progress=False)
     assert report["run"]["resumed_units"] == 2

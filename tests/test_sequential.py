@@ -21,7 +21,7 @@ from llm_prune.sequential import prune_sequential
 from llm_prune.targets import select_targets
 from llm_prune.writer import ShardWriter
 
-from .helpers import add_tokenizer, digest, load_dir, read_decoded as decoded
+from .helpers import add_tokenizer, digest, interrupted_after_writes, load_dir, read_decoded as decoded
 from .conftest import save_tiny, tiny_opt_config
 
 CASES = [("sparsegpt", Sparsity(0.5)), ("sparsegpt", Sparsity(0.5, 2, 4)), ("wanda", Sparsity(0.6)),
@@ -145,18 +145,8 @@ def test_same_seed_same_bytes_and_another_seed_differs(llama_dir, calib_text, tm
 def test_resume_starts_from_the_saved_inputs_bit_identical(llama_dir, calib_text, tmp_path, monkeypatch):
     cfg, calib = PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5, 2, 4)), calib_for(calib_text)
     run(llama_dir, cfg, calib, tmp_path / "full", fmt="packed24")
-    real_write, written = ShardWriter.write, []
-
-    def write_two_then_die(self, unit, *args, **kw):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        real_write(self, unit, *args, **kw)
-        written.append(unit.key)
-
-    monkeypatch.setattr(ShardWriter, "write", write_two_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_writes(monkeypatch) as written, pytest.raises(KeyboardInterrupt):
         run(llama_dir, cfg, calib, tmp_path / "resumed", fmt="packed24")
-    monkeypatch.setattr(ShardWriter, "write", real_write)
     assert written == ["block.0", "block.1"]
     with pytest.raises(UserError, match="other (calibration )?settings"):
         run(llama_dir, cfg, calib_for(calib_text, nsamples=5), tmp_path / "resumed", resume=True, fmt="packed24")
