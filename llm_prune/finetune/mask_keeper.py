@@ -24,6 +24,8 @@ Three things keep the mask, each for a reason:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -34,7 +36,9 @@ class MaskKeeper:
         self.masks = {n: m.to(torch.bool) for n, m in masks.items()}
         self._drop: dict[str, torch.Tensor] = {}  # ~mask, computed once per device
         self._handles: list = []
-        self._cleaned: set[int] = set()  # id() of the zero-keeping optimizers already cleaned once
+        # zero-keeping optimizers already cleaned once; weak, so a new optimizer that reuses a
+        # collected one's id() is never taken for it
+        self._cleaned = weakref.WeakSet()
 
     @classmethod
     def from_zeros(cls, model: nn.Module, names) -> "MaskKeeper":
@@ -92,9 +96,9 @@ class MaskKeeper:
         self.apply_(model)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         if isinstance(inner, _ZERO_KEEPING):
-            if id(inner) in self._cleaned:
+            if inner in self._cleaned:
                 return
-            self._cleaned.add(id(inner))
+            self._cleaned.add(inner)
         self.clean_optimizer_(model, optimizer)
 
     def sparsity(self) -> float:
