@@ -48,6 +48,9 @@ import torch
 
 from llm_prune.errors import UserError
 from llm_prune.magnitude import LAYOUT
+from llm_prune.kernels import numba_start
+
+numba_start.start()  # numba loads its registries once, without scipy.linalg (see numba_start)
 
 if sys.byteorder != "little":  # the packers read groups of lanes as little-endian machine words
     raise ImportError("llm_prune.kernels.formats needs a little-endian machine")

@@ -34,6 +34,9 @@ import numpy as np
 import torch
 
 from llm_prune.magnitude import BINS, LAYOUT, LOW_BITS
+from llm_prune.kernels import numba_start
+
+numba_start.start()  # numba loads its registries once, without scipy.linalg (see numba_start)
 
 CHUNK = 1 << 18  # weights per parallel work item: small enough to balance 2-64 cores
 SPAN = 1 << 12  # weights per tie-quota step inside a chunk

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 from .magnitude import CHUNK, LOCK, NARROW_CLEAR, WIDE_CLEAR, bits, out_bits, sign_clear
+from llm_prune.kernels import numba_start
+
+numba_start.start()  # numba loads its registries once, without scipy.linalg (see numba_start)
 
 
 def prune_nm_(w: torch.Tensor, n: int, m: int, out: torch.Tensor | None = None) -> int:

@@ -6,7 +6,9 @@ thresholds, dense baselines) are keyed by them. Hashing 13 GB takes ~20 s on thi
 * files in the Hugging Face cache are symlinks to blobs named by their sha256 (for LFS files):
   that name is the hash, free;
 * other files are hashed once and remembered in ``<cache>/hashes.json`` under
-  (real path, size, mtime_ns), so a sweep of runs over one checkpoint hashes it once.
+  (real path, size, mtime_ns), so a sweep of runs over one checkpoint hashes it once;
+* that once is while the run reads the file anyway (``SourceHasher``): the hash follows the
+  reads, so its bytes come from the page cache instead of a second read of the disk.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import re
+import threading
 from pathlib import Path
 
 from .paths import cache_dir, atomic_write_text
@@ -29,10 +33,14 @@ def file_sha256(path: Path) -> str:
         return known
     real, key = _memo_key(path)
     digest = sha256_of(real)
-    memo_path = cache_dir() / "hashes.json"
-    memo = {**_load(memo_path), key: digest}  # re-read: another run may have added entries
-    atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+    _remember({key: digest})
     return digest
+
+
+def _remember(digests: dict[str, str]) -> None:
+    memo_path = cache_dir() / "hashes.json"
+    memo = {**_load(memo_path), **digests}  # re-read: another run may have added entries
+    atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
 
 
 def known_sha256(path: Path) -> str | None:
@@ -66,6 +74,116 @@ def sha256_of(path: Path) -> str:
             finally:
                 view.release()
     return h.hexdigest()
+
+
+class SourceHasher:
+    """The sha256 of a checkpoint's files, computed from the byte ranges the run has just read.
+
+    A first run over a checkpoint needs its hashes (``sparsity.json``, caches keyed by content);
+    hashing the files on their own would read every byte a second time. Instead the run tells
+    the hasher which ranges it has read (``read(file, offset, nbytes)``) and a thread hashes each
+    file's contiguous prefix of read ranges as it grows: those pages were just read, so the hash
+    costs CPU but no disk. Ranges read out of file order wait until the gap before them is read;
+    ``digests()`` hashes whatever no one read (a resumed run's finished units, holes, tensors
+    never touched), so the digests always equal ``sha256_of`` of the whole file. Files whose
+    hash is already known (a hub blob's name, remembered) are not hashed at all.
+    """
+
+    def __init__(self, root: Path, files: list[str], headers: dict[str, int] | None = None):
+        self.root = Path(root)
+        self._known = {f: known_sha256(self.root / f) for f in files}
+        self._files = {f: _Prefix(self.root / f) for f, d in self._known.items() if d is None}
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = None
+        if self._files:
+            self._thread = threading.Thread(target=self._follow, name="llm-prune-hash", daemon=True)
+            self._thread.start()
+            for f, end in (headers or {}).items():  # the headers were read when the files were validated
+                self.read(f, 0, end)
+
+    def read(self, file: str, offset: int, nbytes: int) -> None:
+        """The run has read (or is reading) ``nbytes`` at ``offset`` of ``file``."""
+        if file in self._files and nbytes > 0:
+            self._queue.put((file, offset, offset + nbytes))
+
+    def digests(self) -> dict[str, str]:
+        """Every file's sha256 (finishing what no one read), remembered for later runs."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            fresh = {f: p.finish() for f, p in self._files.items()}
+            _remember({_memo_key(self.root / f)[1]: d for f, d in fresh.items()})
+            self._known.update(fresh)
+        return dict(self._known)
+
+    _error: BaseException | None = None
+
+    def _follow(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                file, begin, end = item
+                self._files[file].add(begin, end)
+        except BaseException as e:  # noqa: BLE001 - raised again by digests()
+            self._error = e
+            while self._queue.get() is not None:
+                pass
+
+    def __enter__(self) -> "SourceHasher":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        """On an error, stop hashing and keep nothing; otherwise ``digests()`` is still to come."""
+        if exc_type is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+            for p in self._files.values():
+                p.close()
+
+
+class _Prefix:
+    """One file's sha256 state: hashed up to ``pos``; ``pending`` holds ranges read beyond it."""
+
+    def __init__(self, path: Path):
+        self.path, self.h, self.pos, self.pending = path, hashlib.sha256(), 0, []
+        self._f = open(path, "rb")
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+
+    def add(self, begin: int, end: int) -> None:
+        self.pending.append((begin, end))
+        self.pending.sort()
+        while self.pending and self.pending[0][0] <= self.pos:
+            _, end = self.pending.pop(0)
+            self._advance(min(end, self.size))
+
+    def _advance(self, to: int) -> None:
+        view = memoryview(self._map) if self._map is not None else None
+        try:
+            for at in range(self.pos, to, _CHUNK):
+                stop = min(at + _CHUNK, to)
+                self.h.update(view[at:stop])  # releases the GIL for the chunk
+                # let the pages leave this mapping (they stay in the page cache), as sha256_of does
+                page = at - at % mmap.PAGESIZE
+                if hasattr(self._map, "madvise") and stop - page >= mmap.PAGESIZE:
+                    self._map.madvise(mmap.MADV_DONTNEED, page, (stop - page) // mmap.PAGESIZE * mmap.PAGESIZE)
+        finally:
+            if view is not None:
+                view.release()
+        self.pos = max(self.pos, to)
+
+    def finish(self) -> str:
+        self._advance(self.size)
+        self.close()
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        self._f.close()
 
 
 def _memo_key(path: Path) -> tuple[Path, str]:

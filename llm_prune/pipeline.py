@@ -30,8 +30,7 @@ from .calibration import CalibConfig
 from .allocation import Shares, alpha_shares, finite
 from .config import PruneConfig, Sparsity
 from .errors import UserError
-from .fingerprint import file_sha256
-from .kernels.formats import check_encodable, encode_all
+from .fingerprint import SourceHasher
 from .magnitude import NonFinite, Threshold, find_threshold
 from .methods import Method, get_method, prune_
 from .paths import check_apart
@@ -60,6 +59,14 @@ class Run:
     calib: CalibConfig | None = None
     progress: bool = True
     shares: Shares | None = None  # a non-uniform allocation's count per target (None: uniform)
+    hasher: SourceHasher | None = None  # hashes the source from the byte ranges the run reads
+
+    def mark_read(self, names: list[str]) -> None:
+        """``names`` are being read (pruned, or copied file to file): their bytes can be hashed now."""
+        if self.hasher is not None and not self.reader.pickle:
+            for n in names:
+                info = self.reader.infos[n]
+                self.hasher.read(info.file, info.offset, info.nbytes)
 
     def sparsity_of(self, name: str) -> Sparsity:
         """What ``name`` is pruned to: the run's sparsity, or its share of a non-uniform allocation."""
@@ -107,11 +114,10 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
         if cfg.allocation == "alpha":  # hashes the source first: the spectra are cached under its content
             run.shares = alpha_shares(cfg, units, reader.infos, SpectrumCache(src, reader.files),
                                       lambda names: _finite(reader, names), progress)
-        # Hash the source in the background: it is I/O the pruning loop can overlap.
-        with ThreadPoolExecutor(1) as pool:
-            hashes = pool.submit(lambda: {f: file_sha256(src / f) for f in reader.files})
+        # The source's hashes follow the pruning's reads: no second read of the files.
+        with SourceHasher(src, reader.files, reader.header_ends()) as run.hasher:
             extra = prune_sequential(run) if calib is not None else _prune_data_free(run)
-            file_hashes = hashes.result()
+            file_hashes = run.hasher.digests()
     except UserError:
         writer.abort()  # bad data: nothing half-written stays behind
         raise
@@ -150,6 +156,10 @@ def check_format(units: list[Unit], infos: dict[str, TensorInfo], arch, cfg: Pru
     if fmt == "packed24" and arch.weight_in_first:
         raise UserError(f"--format packed24 groups along the last dimension; {arch.family} stores weights "
                         "[in, out] (use --format bitmask)")
+    if fmt == "dense":
+        return
+    from .kernels.formats import check_encodable  # numba: only the compressed formats need it
+
     for unit in units:
         for name in unit.targets:
             check_encodable(name, infos[name].shape, infos[name].dtype, fmt)
@@ -205,10 +215,13 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
     arenas, in_flight = [Arena(), Arena()], None  # alternate: a write in flight holds the other
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
         copies = [pool.submit(writer.write, u, file, reader.sources(u.names), {"stats": {}}) for file, u in copied]
+        for _, u in copied:
+            run.mark_read(u.names)
         try:
             bar = tqdm([t for t in todo if t not in copied], desc=f"{run.cfg.method} {run.cfg.sparsity}", unit="block",
                        disable=not run.progress)
             for file, unit in bar:
+                run.mark_read(unit.names)  # read now by the pruning (targets) and the copies (the rest)
                 for f in copies:  # a copy that failed (a full disk) stops the run now, not at the end
                     if f.done() and f.exception() is not None:
                         f.result()
@@ -227,6 +240,8 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
                 stats, ties_left = _prune_targets(run, unit, threshold, ties_left, out_of=out)
                 if in_flight is not None:
                     in_flight.result()  # one write at a time, in order
+                from .kernels.formats import encode_all
+
                 stored, meta = encode_all({n: out(n) for n in unit.targets}, {n: run.fmt for n in unit.targets})
                 stored.update(others)
                 in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats},

@@ -189,6 +189,15 @@ class CheckpointReader:
         except Exception as e:
             raise UserError(f"{fpath} could not be read as a torch checkpoint ({e})") from None
 
+    def header_ends(self) -> dict[str, int]:
+        """Where each safetensors file's data begins: the bytes before it were read by the checks."""
+        if self.pickle:
+            return {}
+        ends: dict[str, int] = {}
+        for info in self.infos.values():
+            ends[info.file] = min(ends.get(info.file, info.offset), info.offset)
+        return ends
+
     # -- reading --------------------------------------------------------------------------------
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, as memory-mapped copy-on-write views that callers must not write into."""

@@ -73,18 +73,20 @@ def environment() -> dict:
     thread count (SparseGPT's solver runs BLAS, whose sums depend on it; the magnitude kernels,
     Wanda and the formats give the same bytes on any number of threads)."""
     import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
 
-    import safetensors
-    import transformers
+    def installed(name: str) -> str | None:  # without importing it: transformers alone takes ~1 s
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "safetensors": safetensors.__version__, "torch_threads": torch.get_num_threads()}
-    try:
-        import numba
-
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": installed("transformers"),
+           "safetensors": installed("safetensors"), "torch_threads": torch.get_num_threads()}
+    numba = sys.modules.get("numba")  # the kernels ran only if it was imported
+    if numba is not None:
         env |= {"numba": numba.__version__, "numba_threads": numba.get_num_threads()}
-    except ImportError:
-        pass
     return env
 
 

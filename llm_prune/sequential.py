@@ -34,7 +34,6 @@ from .allocation import Shares, allocate, outlier_ratio, target_blocks
 from .blocks import Observers, build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
 from .calibration import CalibConfig, calibration_windows
 from .errors import UserError
-from .kernels.formats import encode_all
 from .magnitude import all_finite
 from .methods import get_method
 from .methods.wanda import InputNorms, wanda_scores
@@ -99,6 +98,7 @@ def prune_sequential(run) -> dict:
         for pos, unit in enumerate(bar):
             if writer.done(unit):
                 continue
+            run.mark_read(unit.names)
             if unit.block is None:
                 writer.write(unit, run.shard_name(pos), reader.sources(unit.names), {"stats": {}}, p.state)
                 continue
@@ -181,6 +181,8 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
         p.x = run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True)
         _save_inputs(run.writer, unit.block + 1, p.x)
     p.blocks[unit.block] = block.to("meta")
+    from .kernels.formats import encode_all  # numba: imported once, by the first block that needs it
+
     stored, meta = encode_all(tensors, {n: run.fmt for n in unit.targets})
     run.writer.write(unit, file, stored, {"stats": stats}, p.state, metadata=meta)
     (run.writer.tmp / _inputs_file(unit.block)).unlink(missing_ok=True)

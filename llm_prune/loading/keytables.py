@@ -15,6 +15,7 @@ per target set and weight count beside the tables.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..fingerprint import checkpoint_fingerprint, file_sha256, known_sha256
+from ..fingerprint import SourceHasher, checkpoint_fingerprint, file_sha256, known_sha256
 from ..magnitude import KeyTable, bucket_table, deal_ties, key_table, quantile_keys, table_threshold
 from ..paths import atomic_write_text, cache_dir
 from .decode import DenseSource
@@ -45,6 +46,13 @@ class TableCache:
         if self._fingerprint is None:
             reader = self.source.reader
             self._fingerprint = checkpoint_fingerprint({f: file_sha256(reader.path / f) for f in reader.files})
+        return self._path()
+
+    def _path_of(self, digests: dict[str, str]) -> Path:
+        self._fingerprint = checkpoint_fingerprint(digests)
+        return self._path()
+
+    def _path(self) -> Path:
         return cache_dir() / "keytables" / f"{self._fingerprint}-{self.method.name}.safetensors"
 
     def tables(self, names: list[str], progress: bool, saver: ThreadPoolExecutor | None = None) -> dict[str, KeyTable]:
@@ -52,23 +60,30 @@ class TableCache:
 
         When the files' hashes are not known yet (a first load) there can be no cached tables to
         find, and nothing needs the hashes but the cache itself: with a ``saver`` thread, the files
-        are hashed there while the tables are computed, and the tables are written once both are
-        done, while the caller goes on (it waits for ``saver`` at its end)."""
+        are hashed as the tables' pass reads them (``SourceHasher``: no second read), and the
+        tables are written from ``saver`` once both are done, while the caller goes on (it waits
+        for ``saver`` at its end)."""
         reader = self.source.reader
         known = all(known_sha256(reader.path / f) is not None for f in reader.files)
         tables = _read_tables(self.path()) if known else {}
         missing = [n for n in names if n not in tables]
         if not missing:
             return {n: tables[n] for n in names}
-        hashed = saver.submit(self.path) if saver is not None else None
+        hasher = None
+        if saver is not None and not known and not reader.pickle:
+            hasher = SourceHasher(reader.path, reader.files, reader.header_ends())
         bar = tqdm(self.source.read(missing, mapped=missing), total=len(missing), desc="key tables (once)",
                    disable=not progress, leave=False)
-        for name, w in bar:
-            tables[name] = key_table(self.method.score(w))
-        if hashed is None:
+        with hasher or contextlib.nullcontext():
+            for name, w in bar:
+                info = reader.infos.get(name)  # None: decoded from stored tensors, hashed at the end
+                if hasher is not None and info is not None:
+                    hasher.read(info.file, info.offset, info.nbytes)
+                tables[name] = key_table(self.method.score(w))
+        if hasher is None:
             _write_tables(self.path(), tables)
         else:
-            saver.submit(lambda: _write_tables(hashed.result(), tables))
+            saver.submit(lambda: _write_tables(self._path_of(hasher.digests()), tables))
         return {n: tables[n] for n in names}
 
     def wide_threshold(self, order: list[str], tables: dict[str, KeyTable], k: int,

@@ -1,0 +1,102 @@
+"""Source hashes computed from the byte ranges a run reads (``SourceHasher``) are the files' sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from llm_prune import fingerprint
+from llm_prune.fingerprint import SourceHasher, known_sha256
+from llm_prune.pipeline import prune_checkpoint
+from llm_prune.config import PruneConfig, Sparsity
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), size=st.integers(0, 300_000))
+def test_any_reads_in_any_order_give_the_files_sha256(tmp_path, data, size):
+    # Ranges read in pieces, out of order, overlapping, with holes and a piece never read.
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(os.urandom(size))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, size), max_size=12)) + [0, size]))
+    ranges = list(zip(cuts, cuts[1:]))
+    order = data.draw(st.permutations(ranges))
+    skipped = data.draw(st.sets(st.integers(0, max(len(order) - 1, 0)), max_size=3))
+    hasher = SourceHasher(tmp_path, [path.name])
+    for i, (a, b) in enumerate(order):
+        if i not in skipped:
+            hasher.read(path.name, a, b - a)
+            if data.draw(st.booleans()):  # read again, in part
+                hasher.read(path.name, a, max(0, (b - a) // 2))
+    assert hasher.digests() == {path.name: _sha(path)}
+
+
+def test_large_file_read_block_by_block(tmp_path):
+    # Past one hashing chunk (64 MiB), read in the interleaved order of a block-by-block run.
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(os.urandom((64 << 20) * 2 + 12_345))
+    size = path.stat().st_size
+    step = size // 7
+    ranges = [(a, min(a + step, size)) for a in range(0, size, step)]
+    hasher = SourceHasher(tmp_path, [path.name], {path.name: 100})
+    for a, b in ranges[1::2] + ranges[::2]:
+        hasher.read(path.name, a, b - a)
+    assert hasher.digests()[path.name] == _sha(path)
+
+
+def test_digests_are_remembered_and_known_files_are_not_hashed(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"x" * 1000)
+    b.write_bytes(b"y" * 1000)
+    first = SourceHasher(tmp_path, [a.name, b.name]).digests()
+    assert first == {a.name: _sha(a), b.name: _sha(b)}
+    assert known_sha256(a) == _sha(a)  # remembered for later runs
+
+    def never(*_):
+        raise AssertionError("a known file was hashed again")
+
+    monkeypatch.setattr(fingerprint._Prefix, "add", never)
+    monkeypatch.setattr(fingerprint._Prefix, "finish", never)
+    again = SourceHasher(tmp_path, [a.name, b.name])
+    again.read(a.name, 0, 1000)
+    assert again.digests() == first
+
+
+def test_an_error_keeps_nothing(tmp_path):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"z" * 5000)
+    with pytest.raises(RuntimeError):
+        with SourceHasher(tmp_path, [path.name]) as hasher:
+            hasher.read(path.name, 0, 2000)
+            raise RuntimeError("the run failed")
+    assert known_sha256(path) is None
+
+
+def test_export_hashes_the_source_without_a_second_read(tmp_path, tiny_llama, monkeypatch):
+    # First contact: nothing known; the export records every source file's sha256 without
+    # hashing any file on its own (file_sha256 / sha256_of), and remembers them.
+    def own_read(*_):
+        raise AssertionError("the source was hashed by a separate read")
+
+    monkeypatch.setattr(fingerprint, "sha256_of", own_read)
+    files = sorted(p.name for p in tiny_llama.glob("*.safetensors"))
+    assert len(files) > 1 and all(known_sha256(tiny_llama / f) is None for f in files)
+    for scope, out in (("layer", "o1"), ("global", "o2")):
+        report = prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity.parse(0.5), scope=scope), tmp_path / out,
+                                  progress=False)
+        assert report["source"]["files"] == {f: _sha(tiny_llama / f) for f in files}
+        recorded = json.loads((tmp_path / out / "sparsity.json").read_text())["source"]["files"]
+        assert recorded == report["source"]["files"]
+    assert all(known_sha256(tiny_llama / f) == _sha(tiny_llama / f) for f in files)

@@ -1,0 +1,55 @@
+"""A command imports only what it needs: start-up is most of a small export's time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("lm_eval", "matplotlib", "transformers", "accelerate", "datasets", "scipy.linalg", "pandas", "sklearn")
+
+
+def _modules_after(code: str, env: dict | None = None) -> set[str]:
+    """The modules loaded in a fresh interpreter after ``code`` runs."""
+    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, **(env or {})})
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _loaded(modules: set[str], name: str) -> bool:
+    return any(m == name or m.startswith(name + ".") for m in modules)
+
+
+def test_importing_the_cli_and_the_library_imports_nothing_heavy():
+    for code in ("import llm_prune.cli", "import llm_prune"):
+        modules = _modules_after(code)
+        assert not [h for h in (*HEAVY, "torch", "numba") if _loaded(modules, h)], code
+    # the parser (the calibration options' defaults) takes torch, nothing heavier
+    modules = _modules_after("import llm_prune.cli; llm_prune.cli.build_parser()")
+    assert not [h for h in (*HEAVY, "numba") if _loaded(modules, h)]
+
+
+def test_an_omp_export_imports_neither_transformers_nor_lm_eval_nor_matplotlib(tmp_path, tiny_llama):
+    # The whole dense OMP export, as the CLI runs it, in a fresh process.
+    code = (f"from llm_prune.cli import main\n"
+            f"main([{str(tiny_llama)!r}, '--sparsity', '0.5', '--out', {str(tmp_path / 'out')!r}, '--quiet'])")
+    modules = _modules_after(code, {"LLM_PRUNE_CACHE": str(tmp_path / "cache")})
+    assert (tmp_path / "out" / "sparsity.json").is_file()
+    assert _loaded(modules, "numba")  # the kernels ran...
+    assert [h for h in HEAVY if _loaded(modules, h)] == []  # ...without scipy.linalg, and nothing else heavy
+    env = json.loads((tmp_path / "out" / "sparsity.json").read_text())["run"]["environment"]
+    assert env["transformers"] and env["numba"]  # versions still recorded, without importing transformers
+
+
+def test_numba_code_that_calls_blas_still_works_after_the_kernels_started():
+    pytest.importorskip("scipy")
+    code = ("import llm_prune.kernels.magnitude, sys\n"
+            "assert 'scipy.linalg' not in sys.modules\n"
+            "import numba, numpy as np\n"
+            "f = numba.njit(lambda a, b: np.dot(a, b))\n"
+            "assert f(np.ones(3), np.ones(3)) == 3.0")
+    _modules_after(code)
