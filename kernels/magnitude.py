@@ -13,6 +13,7 @@ on all cores (numba, parallel over one part per thread or over chunks of ``CHUNK
 * ``prune_below_(w, key, ties, out=None)``: zero every weight whose key is below ``key`` and the
   first ``ties`` (in flat order) whose key equals it: ``magnitude.threshold_keep`` exactly,
   including its tie order. Parallel chunks learn how many ties they own from a count per chunk.
+  The same pass finds the largest key, so inf and nan are refused without a pass of their own.
 (N:M patterns have their kernels in ``kernels.nm``.)
 * ``max_key(w)``: the largest key, a vectorised read (finiteness checks that need no histogram).
 
@@ -33,7 +34,7 @@ import numba as nb
 import numpy as np
 import torch
 
-from llm_prune.magnitude import BINS, LAYOUT, LOW_BITS
+from llm_prune.magnitude import BINS, LAYOUT, LOW_BITS, NonFinite
 from llm_prune.kernels import numba_start
 
 numba_start.start()  # numba loads its registries once, without scipy.linalg (see numba_start)
@@ -118,17 +119,27 @@ def max_key(w: torch.Tensor) -> int:
 def prune_below_(w: torch.Tensor, key: int, ties: int, out: torch.Tensor | None = None) -> tuple[int, int]:
     """Prune (see module doc) into ``out`` (default: ``w`` itself, in place).
 
-    Returns (ties pruned, at most ``ties``; zeros in the result, counting -0)."""
+    Returns (ties pruned, at most ``ties``; zeros in the result, counting -0). Raises
+    ``NonFinite`` when ``w`` holds inf or nan, found by the same pass (what was written by
+    then is not to be used)."""
     x, y = bits(w), out_bits(w, out)
     if x.size == 0:
         return 0, 0
     if key < 0:  # nothing to prune
         if y is not None:
             y[:] = x
-        return 0, int(np.count_nonzero((x & sign_clear(x)) == 0))
+        keys = x & sign_clear(x)
+        _check_top(int(keys.max()), w.dtype)
+        return 0, int(np.count_nonzero(keys == 0))
     with LOCK:
-        used, zeros = _prune_below(x, y, sign_clear(x), x.dtype.type(key), ties)
+        used, zeros, top = _prune_below(x, y, sign_clear(x), x.dtype.type(key), ties)
+    _check_top(int(top), w.dtype)
     return int(used), int(zeros)
+
+
+def _check_top(top: int, dtype: torch.dtype) -> None:
+    if top >= LAYOUT[dtype].inf_key:
+        raise NonFinite()
 
 
 def out_bits(w: torch.Tensor, out: torch.Tensor | None) -> np.ndarray | None:
@@ -232,7 +243,8 @@ def _count_equal(seg, clear, key):
 @nb.njit(cache=True, nogil=True)
 def _keep_from(seg, out, clear, key):
     """out (None: seg itself) = seg with every weight whose key is below ``key`` zeroed: one
-    branch-free select. Returns the zeros written (either sign)."""
+    branch-free select. Returns (the zeros written (either sign), the largest key read): the
+    finiteness check comes with the pass instead of a pass of its own."""
     if out is None:
         dst = seg
     else:
@@ -240,31 +252,38 @@ def _keep_from(seg, out, clear, key):
     u = seg.dtype.type
     zero = u(0)
     z = 0
+    top = u(0)
     end = seg.size - seg.size % GROUP
     for g in range(0, end, GROUP):
         n = u(0)  # a narrow count (see GROUP)
         for t in range(g, g + GROUP):
             v = seg[t]
-            v = v if (v & clear) >= key else zero
+            k = v & clear
+            top = k if k > top else top
+            v = v if k >= key else zero
             dst[t] = v
             n = u(n + ((v & clear) == 0))
         z += np.int64(n)
     for t in range(end, seg.size):
         v = seg[t]
-        v = v if (v & clear) >= key else zero
+        k = v & clear
+        top = k if k > top else top
+        v = v if k >= key else zero
         dst[t] = v
         z += (v & clear) == 0
-    return z
+    return z, top
 
 
 @nb.njit(cache=True, nogil=True)
 def _prune_chunk(seg, out, clear, key, q):
-    """One chunk of ``_prune_below``: its first ``q`` ties go, in spans of SPAN weights."""
+    """One chunk of ``_prune_below``: its first ``q`` ties go, in spans of SPAN weights.
+    Returns (zeros written, largest key read)."""
     if out is None:
         dst = seg
     else:
         dst = out
     zero = seg.dtype.type(0)
+    top = seg.dtype.type(0)
     i, z = 0, 0
     while q > 0:
         end = min(i + SPAN, seg.size)
@@ -272,14 +291,17 @@ def _prune_chunk(seg, out, clear, key, q):
         e = _count_equal(span, clear, key)
         if e <= q:  # every tie in the span goes
             if out is None:
-                z += _keep_from(span, None, clear, key + 1)
+                zs, ts = _keep_from(span, None, clear, key + 1)
             else:
-                z += _keep_from(span, ospan, clear, key + 1)
+                zs, ts = _keep_from(span, ospan, clear, key + 1)
+            z += zs
+            top = ts if ts > top else top
             q -= e
         else:  # the span where the quota runs out: weight by weight
             for t in range(span.size):
                 v = span[t]
                 k = v & clear
+                top = k if k > top else top
                 if k < key or (k == key and q > 0):
                     q -= k == key
                     v = zero
@@ -288,8 +310,10 @@ def _prune_chunk(seg, out, clear, key, q):
             q = 0
         i = end
     if out is None:  # past the quota ties stay
-        return z + _keep_from(seg[i:], None, clear, key)
-    return z + _keep_from(seg[i:], dst[i:], clear, key)
+        zs, ts = _keep_from(seg[i:], None, clear, key)
+    else:
+        zs, ts = _keep_from(seg[i:], dst[i:], clear, key)
+    return z + zs, (ts if ts > top else top)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
@@ -305,10 +329,13 @@ def _prune_below(x, y, clear, key, ties):
             quota[c] = min(left, equal[c])
             left -= quota[c]
     zeros = np.zeros(nchunks, dtype=np.int64)
+    tops = np.zeros(nchunks, dtype=x.dtype)
     for c in nb.prange(nchunks):
         lo, hi = c * CHUNK, min((c + 1) * CHUNK, x.size)
         if y is None:  # ifs on the arguments, not expressions: numba drops the dead branch
-            zeros[c] = _prune_chunk(x[lo:hi], None, clear, key, quota[c])
+            zc, tc = _prune_chunk(x[lo:hi], None, clear, key, quota[c])
         else:
-            zeros[c] = _prune_chunk(x[lo:hi], y[lo:hi], clear, key, quota[c])
-    return quota.sum(), zeros.sum()
+            zc, tc = _prune_chunk(x[lo:hi], y[lo:hi], clear, key, quota[c])
+        zeros[c] = zc
+        tops[c] = tc
+    return quota.sum(), zeros.sum(), tops.max()

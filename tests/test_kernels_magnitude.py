@@ -59,6 +59,24 @@ def test_prune_below_equals_threshold_keep(dtype, frac):
         assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(w), bits(before))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_prune_below_refuses_inf_and_nan_in_the_same_pass(dtype, bad):
+    # Anywhere: the first or last chunk, inside the span where the tie quota runs out, in the tail.
+    n = 2 * K.CHUNK + 37
+    w = tied((n,), dtype)
+    t = find_threshold(lambda: [w], n // 2)
+    for at in (0, 5, K.CHUNK + 1, n - 1):
+        for key, ties in ((t.key, t.ties), (t.key, 0), (-1, 0)):
+            x = w.clone()
+            x[at] = bad
+            with pytest.raises(NonFinite):
+                K.prune_below_(x.clone(), key, ties)
+            with pytest.raises(NonFinite):
+                K.prune_below_(x, key, ties, out=torch.empty_like(x))
+    assert K.prune_below_(w.clone(), t.key, t.ties)[0] == t.ties  # finite: no complaint
+
+
 def test_ties_across_chunk_boundaries():
     # All weights equal: which ones go is decided by the tie quota alone, split over 4 chunks.
     n = 3 * K.CHUNK + 5

@@ -57,11 +57,11 @@ def plan(w: torch.Tensor, sparsity: Sparsity, weight_in_first: bool = False,
          threshold: tuple[int, int] | None = None) -> Plan | None:
     """OMP of ``w`` for the kernels: at a known ``threshold`` (key, ties), else each matrix to the
     sparsity or N:M. None where the kernels cannot take ``w`` (not a contiguous fp16/bf16/fp32
-    CPU tensor, or N:M along dim 0 of a Conv1D weight). Raises ``NonFinite`` for inf or nan."""
+    CPU tensor, or N:M along dim 0 of a Conv1D weight). Raises ``NonFinite`` for inf or nan (at a
+    known threshold, when the plan is applied)."""
     if kernels_for(w) is None or (threshold is None and sparsity.is_nm and weight_in_first):
         return None
-    if threshold is not None:
-        check_finite(w)
+    if threshold is not None:  # the kernel refuses inf/nan as it prunes: no pass of its own
         return Plan(key=threshold[0], ties=threshold[1])
     if sparsity.is_nm:
         check_finite(w)
