@@ -82,9 +82,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, *, blocksize: int = 128,
-                    damp: float = 0.01, weight_in_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    damp: float = 0.01, weight_in_first: bool = False,
+                    use_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight in ``weight``'s dtype, keep-mask). ``hessian`` is [cols, cols] for the
-    input dimension; ``weight_in_first`` means ``weight`` is stored [in, out] (GPT-2 Conv1D)."""
+    input dimension; ``weight_in_first`` means ``weight`` is stored [in, out] (GPT-2 Conv1D).
+    On the CPU the column loop runs compiled (``llm_prune.kernels.sparsegpt``, the same bits);
+    ``use_kernel=False`` runs the torch loop below, the reference."""
     if sparsity.is_nm and blocksize % sparsity.m:
         raise UserError(f"--blocksize {blocksize} must be a multiple of M={sparsity.m} for pattern {sparsity}")
     W = (weight.t() if weight_in_first else weight).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -100,6 +103,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     Hinv = inverse_cholesky(H, damp)
     del H
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    kernel = _kernel(W) if use_kernel else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -108,16 +112,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
         err1 = torch.zeros_like(W1)
         keep1 = (unstructured_keep(W1.square() / d.square(), _block_ratio(sparsity, rows, cols, i1, i2))
                  if not sparsity.is_nm else torch.ones_like(W1, dtype=torch.bool))
-        for i in range(i2 - i1):
-            if sparsity.is_nm and i % sparsity.m == 0:
-                g = slice(i, i + sparsity.m)
-                keep1[:, g] = nm_keep(W1[:, g].square() / d[g].square(), sparsity.n, sparsity.m)
-            w = W1[:, i]
-            q = w * keep1[:, i]
-            err = (w - q) / d[i]
-            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
-            W1[:, i] = q  # exact zeros (the update leaves rounding residue there)
-            err1[:, i] = err
+        if kernel is not None:
+            kernel.solve_block_(W1, Hinv1, keep1, err1, *((sparsity.n, sparsity.m) if sparsity.is_nm else (0, 0)))
+        else:
+            _column_loop(W1, Hinv1, keep1, err1, sparsity)
         W[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
         W[:, i2:].sub_(err1 @ Hinv[i1:i2, i2:])
@@ -125,6 +123,32 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     if weight_in_first:
         out, keep = out.t().contiguous(), keep.t().contiguous()
     return out, keep
+
+
+def _column_loop(W1: torch.Tensor, Hinv1: torch.Tensor, keep1: torch.Tensor, err1: torch.Tensor,
+                 sparsity: Sparsity) -> None:
+    """One block's columns, left to right: prune the column (N:M: choose each group's mask
+    first, from the weights as the updates left them), spread its error over the columns to come."""
+    d = torch.diagonal(Hinv1)
+    for i in range(W1.shape[1]):
+        if sparsity.is_nm and i % sparsity.m == 0:
+            g = slice(i, i + sparsity.m)
+            keep1[:, g] = nm_keep(W1[:, g].square() / d[g].square(), sparsity.n, sparsity.m)
+        w = W1[:, i]
+        q = w * keep1[:, i]
+        err = (w - q) / d[i]
+        W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
+        W1[:, i] = q  # exact zeros (the update leaves rounding residue there)
+        err1[:, i] = err
+
+
+def _kernel(W: torch.Tensor):
+    """The compiled column loop when it can take ``W`` (fp32 on the CPU), else None."""
+    try:
+        from ..kernels import sparsegpt as K
+    except ImportError:  # numba missing: the torch loop
+        return None
+    return K if K.supported(W) else None
 
 
 def _block_ratio(sparsity: Sparsity, rows: int, cols: int, i1: int, i2: int) -> float:
