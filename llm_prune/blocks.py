@@ -144,11 +144,23 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *,
 
 
 def observe(block, rels, method, device, x, kwargs, dtype, first_group_only=False) -> "Observers":
-    """One forward of every sample through ``block`` with ``rels`` observed."""
-    observers = Observers(block, rels, method.observer, device, first_group_only=first_group_only)
-    run_block(block, x, kwargs, device, dtype, collect=False, after_each=observers.end_forward)
+    """One forward of every sample through ``block`` with ``rels`` observed. The block's output
+    is not needed: after the first sample each forward stops once the last observed input has
+    been seen (the down projection and what follows it never run)."""
+    observers = Observers(block, rels, method.observer, device, first_group_only=first_group_only, stop_early=True)
+    with torch.no_grad():
+        for j in range(x.shape[0]):
+            try:
+                block(x[j:j + 1].to(device, dtype), **kwargs)
+            except _Enough:
+                pass
+            observers.end_forward()
     observers.remove()
     return observers
+
+
+class _Enough(Exception):
+    """Raised by the last observer's hook: the rest of the forward is not needed."""
 
 
 class Observers:
@@ -160,12 +172,15 @@ class Observers:
     activation's memory can be reused by the next one).
     """
 
-    def __init__(self, block: nn.Module, rel_names: list[str], make, device, first_group_only: bool = False):
+    def __init__(self, block: nn.Module, rel_names: list[str], make, device, first_group_only: bool = False,
+                 stop_early: bool = False):
         self.first_group_only = first_group_only  # accumulate only the first input group's statistics
+        self.stop_early = stop_early  # forwards after the first end at the last observed input (``observe``)
         self.leader: dict[str, str] = {}
         self.stats: dict[str, object] = {}
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._first = True
+        self._last: str | None = None  # the last input observed in a forward (learnt from the first)
         self._handles = []
         for rel in rel_names:
             module = block.get_submodule(rel.rsplit(".", 1)[0])
@@ -184,8 +199,11 @@ class Observers:
                 if self.first_group_only and self.stats:
                     return  # a later group: observed in its own forward, after the earlier ones are pruned
                 self.stats[rel] = make(x.shape[-1], device)
+                self._last = rel
             if rel in self.stats:
                 self.stats[rel].add(x.detach())
+                if self.stop_early and not self._first and rel == self._last:
+                    raise _Enough
         return pre
 
     def end_forward(self) -> None:

@@ -222,3 +222,37 @@ def test_bad_inputs_are_user_errors(llama_dir, tiny_llama, calib_text, tmp_path)
         prune_sequential(run_of(reader, units, PruneConfig(method="omp"), calib_for(calib_text), ARCHS["llama"], writer))
     with pytest.raises(UserError, match=r"has [\d,]+ tokens; 500 windows of 32"):
         prune_sequential(run_of(reader, units, cfg, calib_for(calib_text, nsamples=500), ARCHS["llama"], writer))
+
+
+def test_observing_stops_each_forward_after_the_last_observed_input():
+    # The block's output is not needed to observe it: after the first sample, forwards end at the
+    # last target's input. The statistics are those of full forwards, to the bit.
+    from torch import nn
+
+    from llm_prune.blocks import Observers, observe
+    from llm_prune.methods.sparsegpt import Hessian
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.up, self.down, self.after = (nn.Linear(8, 8) for _ in range(5))
+
+        def forward(self, x):
+            h = self.q(x) + self.k(x)  # q and k share their input: one observer
+            return self.after(x + self.down(torch.relu(self.up(h))))
+
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(5, 3, 8)
+    calls = {"down": 0, "after": 0}
+    for name in calls:
+        getattr(block, name).register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    method = get_method("sparsegpt")
+    got = observe(block, ["q.weight", "k.weight", "up.weight", "down.weight"], method, "cpu", x, {}, torch.float32)
+    assert calls == {"down": 1, "after": 1}  # the first forward only: it learns which input comes last
+    full = Observers(block, ["q.weight", "k.weight", "up.weight", "down.weight"], Hessian, "cpu")
+    with torch.no_grad():
+        for j in range(5):
+            block(x[j:j + 1])
+            full.end_forward()
+    for rel in ("q.weight", "k.weight", "up.weight", "down.weight"):
+        assert torch.equal(got.stat(rel).H, full.stat(rel).H) and got.stat(rel).count == full.stat(rel).count == 15
