@@ -10,7 +10,9 @@ code and this checkout are each put on PYTHONPATH through a small tree of links 
 ``eval/`` mapped under the package, as setuptools installs them), so nothing needs installing.
 
 Cases: ``import`` (``import llm_prune``), ``startup`` (``llm-prune --version``: the CLI with its
-imports), and SmolLM2 exports (OMP layer 0.5, global 0.4, 2:4) into a scratch directory.
+imports), ``export tiny`` (OMP 0.5 of a 2-block Llama of 40 kB: the whole process is the
+start-up up to the first block, plus nothing), and SmolLM2 exports (OMP layer 0.5, global 0.4,
+2:4) into a scratch directory.
 """
 
 from __future__ import annotations
@@ -29,11 +31,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent.parent
 
 
+TINY = """
+import sys, torch, transformers
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64)
+transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+"""
+
+
 def cases(out: Path) -> dict[str, list[str]]:
     export = [sys.executable, "-m", "llm_prune", "smollm2-135m", "--quiet", "--overwrite", "--out", str(out / "x")]
+    if not (out / "tiny").is_dir():
+        subprocess.run([sys.executable, "-c", TINY, str(out / "tiny")], check=True)
     return {
         "import": [sys.executable, "-c", "import llm_prune"],
         "startup": [sys.executable, "-m", "llm_prune", "--version"],
+        "export tiny omp 0.5": [sys.executable, "-m", "llm_prune", str(out / "tiny"), "--quiet", "--overwrite",
+                                "--out", str(out / "t"), "--sparsity", "0.5"],
         "export omp 0.5": [*export, "--method", "omp", "--sparsity", "0.5"],
         "export omp 0.4 global": [*export, "--method", "omp", "--sparsity", "0.4", "--scope", "global"],
         "export omp 2:4": [*export, "--method", "omp", "--pattern", "2:4"],
