@@ -295,3 +295,33 @@ def test_state_from_before_the_mask_is_cleaned_once_for_adamw():
         state = opt.state[params[name]]
         assert not params[name][~mask].any()
         assert not state["exp_avg"][~mask].any() and not state["exp_avg_sq"][~mask].any()
+
+
+def test_lth_first_round_is_the_cached_dense_run(tmp_path):
+    # Round 1 of a lottery ticket fine-tunes the dense model from the pre-trained weights: the very
+    # run the dense baseline made. Taken from the cache, the ticket is the same to the bit; a dense
+    # result cached without its weights (an older cache) gets them from the first ticket's round 1.
+    from llm_prune.finetune.run import FinetuneConfig, _dense_path, dense_run, prepare_task, pruned_run
+    from llm_prune.finetune.train import TrainConfig
+
+    src, task_csv = tiny_bert(tmp_path / "bert"), sentiment_csv(tmp_path / "sentiment.csv")
+    cfg = FinetuneConfig(task=str(task_csv), method="lth", sparsity=Sparsity(0.6), rounds=2,
+                         train=TrainConfig(max_steps=3, batch_size=8), seeds=(0,))
+    task = prepare_task(src, cfg)
+    dense = dense_run(src, task, cfg, 0, progress=False)
+    weights = _dense_path(src, task, cfg, 0).with_suffix(".safetensors")
+    weights.unlink()
+    runs = {}
+    for name, reuse in (("trained, kept", True), ("reused", True), ("trained", False)):
+        (tmp_path / name).mkdir()
+        result, model, _ = pruned_run(src, task, cfg, 0, tmp_path / name, tmp_path / name / "m", False, reuse_dense=reuse)
+        runs[name] = (result, {n: t.clone() for n, t in model.state_dict().items()})
+        assert weights.is_file()  # kept by the first ticket
+    ref, ref_weights = runs["trained"]
+    for name, (result, state) in runs.items():
+        assert result["rounds"][0]["metrics"]["metrics"] == dense["metrics"]
+        assert result["metrics"] == ref["metrics"] and result["achieved"] == ref["achieved"]
+        assert all(torch.equal(bits(state[n]), bits(ref_weights[n])) for n in state), name
+        for r in (1, 2):
+            assert (tmp_path / name / "m" / f"lth-round-{r}.safetensors").read_bytes() == \
+                   (tmp_path / "trained" / "m" / f"lth-round-{r}.safetensors").read_bytes()

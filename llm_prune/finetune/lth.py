@@ -48,16 +48,28 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: st
 
 
 def lottery_ticket(model, initial: dict[str, torch.Tensor], targets: dict[str, str], sparsity: float, rounds: int,
-                   scope: str, train_round, save_mask) -> dict:
+                   scope: str, train_round, save_mask, first_round: tuple[dict, dict] | None = None,
+                   keep_first=None) -> dict:
     """Run the rounds on ``model`` (a classifier), rewinding to ``initial`` (its state dict before
     any training). ``targets`` maps model parameter names to checkpoint names; ``train_round(model,
     keeper) -> metrics`` fine-tunes with the mask kept; ``save_mask(round, {checkpoint name: mask})``
-    stores each round's mask. Returns each round's results and the final ticket's."""
+    stores each round's mask. ``first_round`` is (metrics, state dict) of the dense fine-tune from
+    ``initial`` with the same settings, when it was done before: round 1 is that run (nothing is
+    pruned before it), so it is taken instead of trained again; otherwise ``keep_first(model)``, when
+    given, keeps round 1's trained model for later tickets. Returns each round's results and the
+    final ticket's."""
     keep = {n: torch.ones_like(dict(model.named_parameters())[n], dtype=torch.bool) for n in targets}
     history = []
     for r, level in enumerate(round_sparsities(sparsity, rounds), start=1):
         rewind(model, initial, keep)
-        metrics = train_round(model, MaskKeeper(keep))
+        if r == 1 and first_round is not None:
+            metrics, trained = first_round
+            with torch.no_grad():
+                model.load_state_dict(trained)
+        else:
+            metrics = train_round(model, MaskKeeper(keep))
+            if r == 1 and keep_first is not None:
+                keep_first(model)
         params = dict(model.named_parameters())
         keep = magnitude_masks({n: params[n] for n in targets}, level, scope)
         save_mask(r, {targets[n]: m for n, m in keep.items()})

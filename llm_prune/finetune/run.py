@@ -103,27 +103,59 @@ def prepare_task(src: Path, cfg: FinetuneConfig) -> Task:
 
 
 def dense_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, progress: bool) -> dict:
-    """The dense model fine-tuned with these settings and seed: from the cache when it ran before."""
-    from ..eval.results import checkpoint_id
-
-    key = {"checkpoint": checkpoint_id(src), "task": task.to_json(), "train": cfg.train.to_json(), "seed": seed,
-           "world_size": int(os.environ.get("WORLD_SIZE", "1"))}  # the global batch is per device x processes
-    path = cache_dir() / "finetune-baselines" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-                                                 + ".json")
+    """The dense model fine-tuned with these settings and seed: from the cache when it ran before.
+    The fine-tuned weights are cached beside the result: a lottery ticket's first round is this
+    very run (``dense_weights``)."""
+    path = _dense_path(src, task, cfg, seed)
     try:
         return {**json.loads(path.read_text()), "cached": True}
     except (OSError, ValueError):
         pass
     model, processor = load_classifier(src, task, seed)
     result = {"seed": seed, **finetune(model, processor, task, _seeded(cfg.train, seed), progress=progress)}
+    _save_dense_state(path, model)
     atomic_write_text(path, json.dumps(result, indent=1))
     return result
 
 
+def _save_dense_state(path: Path, model) -> None:
+    from safetensors.torch import save_file
+
+    weights = path.with_suffix(".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    save_file({n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tmp)  # clones: no shared storage
+    os.replace(tmp, weights)
+
+
+def dense_weights(src: Path, task: Task, cfg: FinetuneConfig, seed: int):
+    """(result, state dict) of the cached dense fine-tune with this seed, or None when not cached
+    (or cached by a version that kept only the result)."""
+    path = _dense_path(src, task, cfg, seed)
+    try:
+        result = {k: v for k, v in json.loads(path.read_text()).items() if k != "seed"}
+        from safetensors.torch import load_file
+
+        return result, load_file(path.with_suffix(".safetensors"))
+    except (OSError, ValueError):
+        return None
+
+
+def _dense_path(src: Path, task: Task, cfg: FinetuneConfig, seed: int) -> Path:
+    from ..eval.results import checkpoint_id
+
+    key = {"checkpoint": checkpoint_id(src), "task": task.to_json(), "train": cfg.train.to_json(), "seed": seed,
+           "world_size": int(os.environ.get("WORLD_SIZE", "1"))}  # the global batch is per device x processes
+    return cache_dir() / "finetune-baselines" / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+                                                 + ".json")
+
+
 def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, work: Path, masks: Path | None,
-               progress: bool):
+               progress: bool, reuse_dense: bool = True):
     """(result, the fine-tuned sparse model, its tokenizer or image processor) for one seed; scratch
-    files go under ``work``, and the first seed's keep-masks into the folder ``masks`` (None: kept nowhere)."""
+    files go under ``work``, and the first seed's keep-masks into the folder ``masks`` (None: kept nowhere).
+    A lottery ticket's first round (the dense fine-tune, nothing pruned yet) is the cached dense
+    run of this seed when there is one (``reuse_dense``): the same training, done once."""
     from ..pipeline import prune_checkpoint
     from .lth import lottery_ticket, snapshot
     from .mask_keeper import MaskKeeper
@@ -134,10 +166,15 @@ def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, work: Path
         if cfg.method == "lth":
             model, processor = load_classifier(src, task, seed)
             targets = target_params(model, src, cfg)
+            first = dense_weights(src, task, cfg, seed) if reuse_dense else None
             runs = lottery_ticket(model, snapshot(model), targets, cfg.sparsity.ratio, cfg.rounds, cfg.scope,
                                   lambda m, keeper: finetune(m, processor, task, train, keeper=keeper, progress=progress),
                                   lambda r, m: _save_masks(masks / f"lth-round-{r}.safetensors" if keep_masks else None,
-                                                           m, cfg, r))
+                                                           m, cfg, r),
+                                  first_round=first,
+                                  # a dense result cached without its weights (an older cache) gets them now
+                                  keep_first=(lambda m: _save_dense_state(_dense_path(src, task, cfg, seed), m))
+                                  if reuse_dense and first is None and _dense_path(src, task, cfg, seed).is_file() else None)
             result = {"seed": seed, **runs["final"], "rounds": runs["rounds"],
                       "per_round_fraction": runs["per_round_fraction"]}
         else:
