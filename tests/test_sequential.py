@@ -256,3 +256,20 @@ def test_observing_stops_each_forward_after_the_last_observed_input():
             full.end_forward()
     for rel in ("q.weight", "k.weight", "up.weight", "down.weight"):
         assert torch.equal(got.stat(rel).H, full.stat(rel).H) and got.stat(rel).count == full.stat(rel).count == 15
+
+
+def test_targets_sharing_an_input_share_one_inverse_hessian(llama_dir, calib_text, tmp_path, monkeypatch):
+    # q/k/v see one input, gate/up another: one factorisation per distinct input, per block, and
+    # the same bytes as factorising for every target.
+    from llm_prune.methods import sparsegpt
+
+    calls = []
+    real = sparsegpt.inverse_cholesky
+    monkeypatch.setattr(sparsegpt, "inverse_cholesky", lambda H, damp=0.01: calls.append(H.shape) or real(H, damp))
+    calib, blocks = calib_for(calib_text), CheckpointReader(llama_dir).config["num_hidden_layers"]
+    shared = run(llama_dir, PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)), calib, tmp_path / "shared")
+    assert len(calls) == blocks * len(LLAMA_GROUPS)
+    monkeypatch.setattr(sparsegpt.Hessian, "inverse", lambda self, damp: None)  # each target factorises its own
+    run(llama_dir, PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)), calib, tmp_path / "each")
+    assert len(calls) == blocks * (len(LLAMA_GROUPS) + 7)
+    assert digest(tmp_path / "shared") == digest(tmp_path / "each") and shared["achieved"]

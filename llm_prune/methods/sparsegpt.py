@@ -42,6 +42,14 @@ class Hessian:
     def __init__(self, columns: int, device: torch.device | str | None = None):
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.count = 0
+        self._inverse: tuple[float, torch.Tensor] | None = None
+
+    def inverse(self, damp: float) -> torch.Tensor:
+        """``inverse_cholesky`` of H with its dead inputs given a unit diagonal, computed once: the
+        targets that share an input (q/k/v, gate/up) share it."""
+        if self._inverse is None or self._inverse[0] != damp:
+            self._inverse = (damp, inverse_cholesky(_live(self.H.clone()), damp))
+        return self._inverse[1]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
@@ -82,26 +90,24 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Sparsity, *, blocksize: int = 128,
-                    damp: float = 0.01, weight_in_first: bool = False,
-                    use_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    damp: float = 0.01, weight_in_first: bool = False, use_kernel: bool = True,
+                    hinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight in ``weight``'s dtype, keep-mask). ``hessian`` is [cols, cols] for the
     input dimension; ``weight_in_first`` means ``weight`` is stored [in, out] (GPT-2 Conv1D).
     On the CPU the column loop runs compiled (``llm_prune.kernels.sparsegpt``, the same bits);
-    ``use_kernel=False`` runs the torch loop below, the reference."""
+    ``use_kernel=False`` runs the torch loop below, the reference. ``hinv``: the inverse factor
+    when already known (``Hessian.inverse``), else computed here."""
     if sparsity.is_nm and blocksize % sparsity.m:
         raise UserError(f"--blocksize {blocksize} must be a multiple of M={sparsity.m} for pattern {sparsity}")
     W = (weight.t() if weight_in_first else weight).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    H = hessian.to(device=W.device, dtype=torch.float32, copy=True)
     rows, cols = W.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {cols} input columns")
-    # Inputs that were always zero carry no information: their weights can go at no cost, and a
-    # unit diagonal keeps H invertible.
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    Hinv = inverse_cholesky(H, damp)
-    del H
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
+    # Inputs that were always zero carry no information: their weights can go at no cost.
+    W[:, torch.diagonal(hessian).to(W.device) == 0] = 0
+    if hinv is None:
+        hinv = inverse_cholesky(_live(hessian.to(device=W.device, dtype=torch.float32, copy=True)), damp)
+    Hinv = hinv.to(W.device)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     kernel = _kernel(W) if use_kernel else None
     for i1 in range(0, cols, blocksize):
@@ -123,6 +129,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     if weight_in_first:
         out, keep = out.t().contiguous(), keep.t().contiguous()
     return out, keep
+
+
+def _live(H: torch.Tensor) -> torch.Tensor:
+    """``H`` (modified) with a unit diagonal for its dead inputs, which keeps it invertible."""
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    return H
 
 
 def _column_loop(W1: torch.Tensor, Hinv1: torch.Tensor, keep1: torch.Tensor, err1: torch.Tensor,
@@ -163,7 +176,7 @@ def _block_ratio(sparsity: Sparsity, rows: int, cols: int, i1: int, i2: int) -> 
 
 def _solve(weight, stat: Hessian, sparsity: Sparsity, *, weight_in_first: bool, calib) -> tuple[torch.Tensor, torch.Tensor]:
     return sparsegpt_prune(weight, stat.H, sparsity, blocksize=calib.blocksize, damp=calib.damp,
-                           weight_in_first=weight_in_first)
+                           weight_in_first=weight_in_first, hinv=stat.inverse(calib.damp))
 
 
 register(Method("sparsegpt", "SparseGPT: second-order (OBS) pruning with weight updates from calibration Hessians",
