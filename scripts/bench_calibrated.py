@@ -166,12 +166,13 @@ def cmd_speed7b(args) -> None:
 
 def cmd_llmc_windows(args) -> None:
     """Write our calibration windows to a file, so llm-compressor calibrates on the same tokens."""
-    from llm_prune.calibration import CalibConfig, calibration_windows, load_tokenizer
+    from llm_prune.calibration import CalibConfig, calibration_windows
+    from llm_prune.runtime import load_tokenizer
     from llm_prune.models import resolve_model
 
     src = resolve_model("smollm2-135m")
     windows, _ = calibration_windows(CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
-                                     load_tokenizer(src), args.seqlen)
+                                     load_tokenizer(src, "calibration"), args.seqlen)
     torch.save({"src": str(src), "windows": windows}, args.out)
 
 
