@@ -113,6 +113,22 @@ def cmd_quality(args) -> None:
     print(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
 
 
+def flops_7b_block(tokens: int, seqlen: int, h: int = 4096, f: int = 11008, blocksize: int = 128) -> dict[str, float]:
+    """FLOPs of SparseGPT's work on one Llama-2-7B block, by part (multiply-adds count 2)."""
+    params = 4 * h * h + 3 * h * f
+    targets = [(h, h)] * 4 + [(f, h)] * 2 + [(h, f)]  # (rows, cols) of q, k, v, o, gate, up, down
+    inputs = [h, h, h, f]  # the distinct inputs: q/k/v, o, gate/up, down
+    return {
+        "observe forward (to the down projection's input)": 2 * tokens * (params - h * f),
+        "propagate forward (pruned block)": 2 * tokens * params,
+        "attention scores and values, both passes": 2 * 2 * 2 * tokens * seqlen * h,
+        "Hessians 2XXᵀ": 2 * tokens * sum(n * n for n in inputs),
+        "factorisations (~4n³/3 each)": sum(4 * n**3 / 3 for n in inputs),
+        "column loops (rows·cols·blocksize)": sum(2 * r * c * blocksize / 2 for r, c in targets),
+        "lazy batch updates (rows·cols²)": sum(r * c * c for r, c in targets),
+    }
+
+
 def cmd_speed7b(args) -> None:
     """Seconds per block for SparseGPT with Llama-2-7B block shapes on this CPU."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -156,8 +172,19 @@ def cmd_speed7b(args) -> None:
         t = time.perf_counter()
         sparsegpt_prune(W, H, Sparsity(0.5))
         solve[name] = {"seconds_each": round(time.perf_counter() - t, 2), "count": copies}
+    flops = flops_7b_block(args.nsamples * args.seqlen, args.seqlen)
+    a = torch.randn(4096, 4096)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    gemm = 3 * 2 * 4096**3 / (time.perf_counter() - t) / 1e9
+    per_block = report["calibration"]["seconds_per_block"]
     print(json.dumps({"blocks": args.blocks, "calibration_tokens": args.nsamples * args.seqlen,
-                      "seconds_per_block": report["calibration"]["seconds_per_block"], "time_s": report["run"]["time_s"],
+                      "gflop_per_block": {k: round(v / 1e9, 1) for k, v in flops.items()},
+                      "fp32_gemm_gflops": round(gemm, 1),
+                      "seconds_at_gemm_speed": round(sum(flops.values()) / 1e9 / gemm, 2),
+                      "seconds_per_block": per_block, "time_s": report["run"]["time_s"],
                       "peak_rss_mib": vm_hwm() / 2**20,
                       "checkpoint_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
                       "solve_only": solve, "solve_only_total_s": round(sum(v["seconds_each"] * v["count"] for v in solve.values()), 1),
