@@ -1,0 +1,137 @@
+"""Issue 18's figures: does a non-uniform allocation move the knee? SmolLM2-135M, four methods × three allocations.
+
+    python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation
+    python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation --only wanda-owl-s0
+    python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation --tables-only
+
+Every cell is a plain ``llm-prune sweep`` with ``--resume`` (rerunning continues where it stopped):
+- OMP, Wanda, SparseGPT and RIA at 50%, 60% and 70% unstructured, each with ``--allocation``
+  uniform, owl (calibrated methods only: OWL reads activations) and alpha;
+- the same four at 2:4, where allocation cannot apply (every group of four keeps two);
+- calibrated methods over calibration seeds 0, 1, 2 (``--seed``); OMP reads no data, one run.
+Metrics: held-out perplexity (the embedded passages' held-out split) and ARC-Easy at ``--limit``
+examples. ``--tables-only`` reads the finished sweeps and writes ``allocation.md`` and
+``allocation.json`` (mean and spread over seeds per cell) and one plot per method into ``--report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+METHODS = ["omp", "wanda", "sparsegpt", "ria"]
+LEVELS = "0.5,0.6,0.7"
+
+
+def plan(seeds: list[int], levels: str = LEVELS) -> dict[str, list[str]]:
+    """Sweep name -> its arguments (model, method, levels, allocation, seed)."""
+    cells = {}
+    for method in METHODS:
+        calibrated = method != "omp"
+        for alloc in ["uniform", "owl", "alpha"] if calibrated else ["uniform", "alpha"]:
+            for seed in seeds if calibrated else [0]:
+                cells[f"{method}-{alloc}-s{seed}"] = ["--method", method, "--sparsities", levels, "--allocation", alloc,
+                                                      *(["--seed", str(seed)] if calibrated else [])]
+        for seed in seeds if calibrated else [0]:
+            cells[f"{method}-2of4-s{seed}"] = ["--method", method, "--pattern", "2:4",
+                                               *(["--seed", str(seed)] if calibrated else [])]
+    return cells
+
+
+def run_cell(name: str, args: list[str], work: Path, common: list[str]) -> None:
+    log = work / "study.log"
+    cmd = [sys.executable, "-m", "llm_prune", "sweep", "smollm2-135m", *args, *common, "--out", str(work / name)]
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd[2:])}\n")
+        f.flush()
+        subprocess.run(cmd, check=True, stdout=f, stderr=f)
+
+
+def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
+    """Mean and spread over seeds per (method, allocation, level) and metric, from finished sweeps."""
+    rows: dict[tuple, dict[str, list[float]]] = {}
+    for name in cells:
+        f = work / name / "sweep.json"
+        if not f.is_file():
+            continue
+        sweep = json.loads(f.read_text())
+        method, alloc, _ = name.rsplit("-", 2)
+        for curve, c in sweep["curves"].items():
+            for level, value in zip(sweep["levels"], c["values"]):
+                key = (method, "n/a (2:4)" if alloc == "2of4" else alloc, level["label"])
+                rows.setdefault(key, {}).setdefault(curve, []).append(value)
+                rows[key].setdefault(f"dense {curve}", [c["dense"]])
+    out = {" | ".join(k): {m: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None,
+                               "n": len(v), "values": v} for m, v in metrics.items()}
+           for k, metrics in sorted(rows.items())}
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "allocation.json").write_text(json.dumps(out, indent=1))
+    metrics = sorted({m for v in rows.values() for m in v if not m.startswith("dense")})
+    lines = ["| method | allocation | level | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
+    dense = {m: next((v[f"dense {m}"][0] for v in rows.values() if f"dense {m}" in v), None) for m in metrics}
+    lines.append("| dense | | 0 | " + " | ".join(f"{d:.2f}" if d is not None else "" for d in dense.values()) + " |")
+    for (method, alloc, level), v in sorted(rows.items()):
+        cell = lambda m: (f"{statistics.fmean(v[m]):.2f}" + (f" ± {statistics.stdev(v[m]):.2f}" if len(v[m]) > 1 else "")
+                          if m in v else "")
+        lines.append(f"| {method} | {alloc} | {level} | " + " | ".join(cell(m) for m in metrics) + " |")
+    (report / "allocation.md").write_text("\n".join(lines) + "\n")
+    _plots(rows, metrics, report)
+    return out
+
+
+def _plots(rows: dict, metrics: list[str], report: Path) -> None:
+    try:
+        from llm_prune.study.plots import lines_over_steps
+    except ImportError:
+        return
+    for method in METHODS:
+        for metric in metrics:
+            series = {}
+            for (m, alloc, level), v in rows.items():
+                if m == method and metric in v and alloc != "n/a (2:4)":
+                    series.setdefault(alloc, {})[float(level)] = statistics.fmean(v[metric])
+            levels = sorted({lv for s in series.values() for lv in s})
+            if not series or not levels:
+                continue
+            lines_over_steps(report / f"{method}-{metric.replace('/', '-')}.png", levels,
+                             {a: [s.get(lv, float("nan")) for lv in levels] for a, s in series.items()},
+                             metric, f"SmolLM2-135M, {method}: allocation against uniform", xlabel="sparsity")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--report", type=Path, required=True)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--limit", type=int, default=200, help="ARC-Easy examples (stated in every output)")
+    p.add_argument("--eval", default="ppl,arc_easy")
+    p.add_argument("--only", nargs="+", help="cells to run (names as in study.log, e.g. wanda-owl-s0)")
+    p.add_argument("--levels", default=LEVELS, help=f"unstructured levels (default {LEVELS})")
+    p.add_argument("--ppl-windows", type=int, help="held-out perplexity windows (default: the sweep's)")
+    p.add_argument("--tables-only", action="store_true", help="run nothing: tables and plots from the finished cells")
+    args = p.parse_args()
+    cells = plan([int(s) for s in args.seeds.split(",")], args.levels)
+    unknown = [c for c in args.only or [] if c not in cells]
+    if unknown:
+        p.error(f"unknown cells {unknown}; known: {', '.join(cells)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    common = ["--eval", args.eval, "--eval-limit", str(args.limit), "--nsamples", str(args.nsamples),
+              "--seqlen", str(args.seqlen), "--resume", "--quiet",
+              *(["--eval-ppl-windows", str(args.ppl_windows)] if args.ppl_windows else [])]
+    if not args.tables_only:
+        for name, cell_args in cells.items():
+            if not args.only or name in args.only:
+                run_cell(name, cell_args, args.work, common)
+    out = tables(args.work, args.report, cells)
+    print(f"{len(out)} cells tabulated into {args.report / 'allocation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
