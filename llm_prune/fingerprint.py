@@ -59,21 +59,11 @@ def sha256_of(path: Path) -> str:
     ``hashlib.file_digest`` here). Each chunk's pages leave the mapping once hashed (they stay in
     the page cache): a mapped page counts in the process's resident memory, and a multi-GB shard
     hashed whole would count whole."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)
-            try:
-                for at in range(0, size, _CHUNK):
-                    h.update(view[at:at + _CHUNK])  # releases the GIL for the chunk
-                    if hasattr(m, "madvise"):
-                        m.madvise(mmap.MADV_DONTNEED, at, min(_CHUNK, size - at))
-            finally:
-                view.release()
-    return h.hexdigest()
+    prefix = _Prefix(path)
+    try:
+        return prefix.finish()
+    finally:
+        prefix.close()  # on an error too
 
 
 class SourceHasher:
@@ -95,6 +85,7 @@ class SourceHasher:
         self._files = {f: _Prefix(self.root / f) for f, d in self._known.items() if d is None}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = None
+        self._error: BaseException | None = None
         if self._files:
             self._thread = threading.Thread(target=self._follow, name="llm-prune-hash", daemon=True)
             self._thread.start()
@@ -105,6 +96,13 @@ class SourceHasher:
         """The run has read (or is reading) ``nbytes`` at ``offset`` of ``file``."""
         if file in self._files and nbytes > 0:
             self._queue.put((file, offset, offset + nbytes))
+
+    def read_tensors(self, infos) -> None:
+        """The run has read these tensors (``reader.TensorInfo``: file, offset, nbytes); pickled
+        ones (offset -1) are hashed at the end."""
+        for info in infos:
+            if info.offset >= 0:
+                self.read(info.file, info.offset, info.nbytes)
 
     def digests(self) -> dict[str, str]:
         """Every file's sha256 (finishing what no one read), remembered for later runs."""
@@ -118,8 +116,6 @@ class SourceHasher:
             _remember({_memo_key(self.root / f)[1]: d for f, d in fresh.items()})
             self._known.update(fresh)
         return dict(self._known)
-
-    _error: BaseException | None = None
 
     def _follow(self) -> None:
         try:
@@ -166,7 +162,7 @@ class _Prefix:
             for at in range(self.pos, to, _CHUNK):
                 stop = min(at + _CHUNK, to)
                 self.h.update(view[at:stop])  # releases the GIL for the chunk
-                # let the pages leave this mapping (they stay in the page cache), as sha256_of does
+                # let the pages leave this mapping (they stay in the page cache): see sha256_of
                 page = at - at % mmap.PAGESIZE
                 if hasattr(self._map, "madvise") and stop - page >= mmap.PAGESIZE:
                     self._map.madvise(mmap.MADV_DONTNEED, page, (stop - page) // mmap.PAGESIZE * mmap.PAGESIZE)

@@ -63,10 +63,8 @@ class Run:
 
     def mark_read(self, names: list[str]) -> None:
         """``names`` are being read (pruned, or copied file to file): their bytes can be hashed now."""
-        if self.hasher is not None and not self.reader.pickle:
-            for n in names:
-                info = self.reader.infos[n]
-                self.hasher.read(info.file, info.offset, info.nbytes)
+        if self.hasher is not None:
+            self.hasher.read_tensors(self.reader.infos[n] for n in names)
 
     def sparsity_of(self, name: str) -> Sparsity:
         """What ``name`` is pruned to: the run's sparsity, or its share of a non-uniform allocation."""
@@ -213,6 +211,8 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
     todo = [(run.shard_name(pos), u) for pos, u in enumerate(run.units) if not writer.done(u)]
     copied = [(file, u) for file, u in todo if not u.targets and not reader.pickle]
     arenas, in_flight = [Arena(), Arena()], None  # alternate: a write in flight holds the other
+    if run.fmt != "dense" or reader.pickle:  # the units that go through an arena are encoded
+        from .kernels.formats import encode_all  # numba: only the compressed formats need it
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
         copies = [pool.submit(writer.write, u, file, reader.sources(u.names), {"stats": {}}) for file, u in copied]
         for _, u in copied:
@@ -240,8 +240,6 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
                 stats, ties_left = _prune_targets(run, unit, threshold, ties_left, out_of=out)
                 if in_flight is not None:
                     in_flight.result()  # one write at a time, in order
-                from .kernels.formats import encode_all
-
                 stored, meta = encode_all({n: out(n) for n in unit.targets}, {n: run.fmt for n in unit.targets})
                 stored.update(others)
                 in_flight = pool.submit(writer.write, unit, file, stored, {"stats": stats},

@@ -128,10 +128,9 @@ def _save_dense_state(path: Path, model) -> None:
     os.replace(tmp, weights)
 
 
-def dense_weights(src: Path, task: Task, cfg: FinetuneConfig, seed: int):
-    """(result, state dict) of the cached dense fine-tune with this seed, or None when not cached
-    (or cached by a version that kept only the result)."""
-    path = _dense_path(src, task, cfg, seed)
+def dense_weights(path: Path):
+    """(result, state dict) of the cached dense fine-tune at ``path`` (``_dense_path``), or None
+    when not cached (or cached by a version that kept only the result)."""
     try:
         result = {k: v for k, v in json.loads(path.read_text()).items() if k != "seed"}
         from safetensors.torch import load_file
@@ -166,15 +165,15 @@ def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, work: Path
         if cfg.method == "lth":
             model, processor = load_classifier(src, task, seed)
             targets = target_params(model, src, cfg)
-            first = dense_weights(src, task, cfg, seed) if reuse_dense else None
+            dense = _dense_path(src, task, cfg, seed)
+            first = dense_weights(dense) if reuse_dense else None
+            # a dense result cached without its weights (an older cache) gets them from round 1
+            keep_first = (lambda m: _save_dense_state(dense, m)) if reuse_dense and first is None and dense.is_file() else None
             runs = lottery_ticket(model, snapshot(model), targets, cfg.sparsity.ratio, cfg.rounds, cfg.scope,
                                   lambda m, keeper: finetune(m, processor, task, train, keeper=keeper, progress=progress),
                                   lambda r, m: _save_masks(masks / f"lth-round-{r}.safetensors" if keep_masks else None,
                                                            m, cfg, r),
-                                  first_round=first,
-                                  # a dense result cached without its weights (an older cache) gets them now
-                                  keep_first=(lambda m: _save_dense_state(_dense_path(src, task, cfg, seed), m))
-                                  if reuse_dense and first is None and _dense_path(src, task, cfg, seed).is_file() else None)
+                                  first_round=first, keep_first=keep_first)
             result = {"seed": seed, **runs["final"], "rounds": runs["rounds"],
                       "per_round_fraction": runs["per_round_fraction"]}
         else:

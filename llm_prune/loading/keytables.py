@@ -76,9 +76,8 @@ class TableCache:
                    disable=not progress, leave=False)
         with hasher or contextlib.nullcontext():
             for name, w in bar:
-                info = reader.infos.get(name)  # None: decoded from stored tensors, hashed at the end
-                if hasher is not None and info is not None:
-                    hasher.read(info.file, info.offset, info.nbytes)
+                if hasher is not None and name in reader.infos:  # decoded tensors: hashed at the end
+                    hasher.read_tensors([reader.infos[name]])
                 tables[name] = key_table(self.method.score(w))
         if hasher is None:
             _write_tables(self.path(), tables)

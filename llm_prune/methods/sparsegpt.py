@@ -48,7 +48,7 @@ class Hessian:
         """``inverse_cholesky`` of H with its dead inputs given a unit diagonal, computed once: the
         targets that share an input (q/k/v, gate/up) share it."""
         if self._inverse is None or self._inverse[0] != damp:
-            self._inverse = (damp, inverse_cholesky(_live(self.H.clone()), damp))
+            self._inverse = (damp, _live_inverse(self.H, damp))
         return self._inverse[1]
 
     def add(self, x: torch.Tensor) -> None:
@@ -106,7 +106,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     # Inputs that were always zero carry no information: their weights can go at no cost.
     W[:, torch.diagonal(hessian).to(W.device) == 0] = 0
     if hinv is None:
-        hinv = inverse_cholesky(_live(hessian.to(device=W.device, dtype=torch.float32, copy=True)), damp)
+        hinv = _live_inverse(hessian.to(W.device), damp)
     Hinv = hinv.to(W.device)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     kernel = _kernel(W) if use_kernel else None
@@ -131,11 +131,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     return out, keep
 
 
-def _live(H: torch.Tensor) -> torch.Tensor:
-    """``H`` (modified) with a unit diagonal for its dead inputs, which keeps it invertible."""
+def _live_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """``inverse_cholesky`` of a copy of ``H`` whose dead inputs get a unit diagonal (which keeps
+    it invertible); ``H`` itself is left as it is."""
+    H = H.to(torch.float32, copy=True)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    return H
+    return inverse_cholesky(H, damp)
 
 
 def _column_loop(W1: torch.Tensor, Hinv1: torch.Tensor, keep1: torch.Tensor, err1: torch.Tensor,
