@@ -114,6 +114,16 @@ def test_round_sparsities_reach_the_target_exactly():
     assert r[-1] == 0.875 and r[0] == pytest.approx(0.5) and r[1] == pytest.approx(0.75)
 
 
+def test_rounds_from_a_sparser_ticket_prune_the_same_fraction_each():
+    from llm_prune.finetune.lth import per_round_fraction
+
+    assert round_sparsities(0.875, 2, start=0.5) == [pytest.approx(0.75), 0.875]
+    assert per_round_fraction(0.875, 2, start=0.5) == pytest.approx(0.5)
+    assert round_sparsities(0.6, 1, start=0.4) == [0.6]
+    with pytest.raises(Exception, match="up to 0.4"):
+        round_sparsities(0.4, 1, start=0.4)
+
+
 def test_rewinding_restores_kept_weights_bit_for_bit():
     model, keep = _model_and_masks()
     initial = snapshot(model)
@@ -231,6 +241,41 @@ def test_sweep_with_finetune_gives_the_encoder_curve_and_its_knee(tmp_path, caps
                  "--quiet"]) == 0
     cosine = json.loads((tmp_path / "c" / "masks.json").read_text())["pairs"][0]["overall"]["cosine"]
     assert 0 < cosine < 1
+
+
+def test_lth_sweep_is_one_chain_of_rounds_and_resumes_bit_for_bit(tmp_path, capsys):
+    # A lottery-ticket sweep is one chain per seed: dense -> 0.3 -> 0.6, the 0.6 ticket pruned from
+    # the trained 0.3 ticket. Run at once or level by level (--resume), it is the same chain to the
+    # bit; its masks nest; and the first level is the one-level ticket of `llm-prune finetune`.
+    from llm_prune.study.similarity import load_masks
+
+    src, task = tiny_bert(tmp_path / "bert"), sentiment_csv(tmp_path / "sentiment.csv")
+    common = ["--finetune", str(task), "--method", "lth", "--rounds", "1", "--seeds", "0,1", "--max-steps", "2",
+              "--batch-size", "8", "--quiet"]
+    assert main(["sweep", str(src), *common, "--sparsities", "0.3,0.6", "--out", str(tmp_path / "once")]) == 0
+    assert main(["sweep", str(src), *common, "--sparsities", "0.3", "--out", str(tmp_path / "steps")]) == 0
+    assert main(["sweep", str(src), *common, "--sparsities", "0.3,0.6", "--out", str(tmp_path / "steps"), "--resume"]) == 0
+    once, steps = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("once", "steps"))
+    assert once["curves"] == steps["curves"] and [lv["achieved"] for lv in once["levels"]] == pytest.approx([0.3, 0.6], abs=1e-3)
+    for level in ("0.3", "0.6"):
+        assert (tmp_path / "once" / "masks" / level / "lth-round-1.safetensors").read_bytes() == \
+               (tmp_path / "steps" / "masks" / level / "lth-round-1.safetensors").read_bytes()
+    runs = json.loads((tmp_path / "once" / "levels" / "0.6.json").read_text())["runs"]
+    assert [r["start_sparsity"] for r in runs] == [0.3, 0.3] and [r["rounds"][0]["sparsity_after"] for r in runs] == [0.6, 0.6]
+    low, _ = load_masks(tmp_path / "once" / "masks" / "0.3" / "lth-round-1.safetensors")
+    high, _ = load_masks(tmp_path / "once" / "masks" / "0.6" / "lth-round-1.safetensors")
+    assert all(not (high[n] & ~low[n]).any() for n in low)  # every weight pruned at 0.3 stays pruned at 0.6
+    assert sorted(p.name for p in (tmp_path / "once" / "tickets").iterdir()) == ["0.6"]  # only the last level's are kept
+    assert main(["finetune", str(src), "--task", str(task), "--method", "lth", "--rounds", "1", "--sparsity", "0.3",
+                 "--seeds", "0,1", "--max-steps", "2", "--batch-size", "8", "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    ft = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    first = json.loads((tmp_path / "once" / "levels" / "0.3.json").read_text())["runs"]
+    assert [r["metrics"] for r in ft["pruned"]] == [r["metrics"] for r in first]
+    # a level below the chain's last cannot join it
+    capsys.readouterr()
+    assert main(["sweep", str(src), *common, "--sparsities", "0.2,0.3,0.6", "--out", str(tmp_path / "once"),
+                 "--resume"]) == 2
+    assert "one chain of rounds up its levels: 0.2 is below the finished 0.6" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -36,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_training_arguments(g) -> None:
     """The fine-tuning options ``llm-prune finetune`` and ``llm-prune sweep --finetune`` share."""
-    g.add_argument("--rounds", type=int, default=3, help="lth: rounds of pruning (default 3)")
+    g.add_argument("--rounds", type=int, default=3,
+                   help="lth: rounds of pruning to reach the sparsity, each pruning the same fraction of the kept "
+                        "weights (default 3); in a sweep, one chain of rounds runs up the levels and --rounds is "
+                        "the number between consecutive levels")
     g.add_argument("--epochs", type=float, default=3.0)
     g.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate, linear decay (default 2e-5)")

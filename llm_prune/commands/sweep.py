@@ -4,6 +4,8 @@
     llm-prune sweep MODEL --method wanda --pattern 2:4,4:8 --eval ppl
     llm-prune sweep MODEL --method omp --sparsities 0.4:0.7:0.1 --allocation alpha   the knee, moved by allocation
     llm-prune sweep MODEL --sparsities 0.75,0.8 --out DIR --resume      extend a finished sweep
+    llm-prune sweep minilm-l6 --finetune sst2 --method lth --rounds 1 --sparsities 0.2:0.6:0.2
+        lottery tickets: one chain of rounds per seed, dense -> 0.2 -> 0.4 -> 0.6, each level a point
 """
 
 from __future__ import annotations

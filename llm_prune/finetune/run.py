@@ -150,11 +150,13 @@ def _dense_path(src: Path, task: Task, cfg: FinetuneConfig, seed: int) -> Path:
 
 
 def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, work: Path, masks: Path | None,
-               progress: bool, reuse_dense: bool = True):
+               progress: bool, reuse_dense: bool = True, start: tuple[float, dict, dict] | None = None):
     """(result, the fine-tuned sparse model, its tokenizer or image processor) for one seed; scratch
     files go under ``work``, and the first seed's keep-masks into the folder ``masks`` (None: kept nowhere).
     A lottery ticket's first round (the dense fine-tune, nothing pruned yet) is the cached dense
-    run of this seed when there is one (``reuse_dense``): the same training, done once."""
+    run of this seed when there is one (``reuse_dense``): the same training, done once. ``start``
+    (sparsity, result, state dict of a trained sparser ticket of this seed) continues that ticket's
+    chain of rounds instead of starting from dense."""
     from ..pipeline import prune_checkpoint
     from .lth import lottery_ticket, snapshot
     from .mask_keeper import MaskKeeper
@@ -165,17 +167,20 @@ def pruned_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, work: Path
         if cfg.method == "lth":
             model, processor = load_classifier(src, task, seed)
             targets = target_params(model, src, cfg)
-            dense = _dense_path(src, task, cfg, seed)
-            first = dense_weights(dense) if reuse_dense else None
-            # a dense result cached without its weights (an older cache) gets them from round 1
-            keep_first = (lambda m: _save_dense_state(dense, m)) if reuse_dense and first is None and dense.is_file() else None
+            if start is not None:
+                first, keep_first = start[1:], None
+            else:
+                dense = _dense_path(src, task, cfg, seed)
+                first = dense_weights(dense) if reuse_dense else None
+                # a dense result cached without its weights (an older cache) gets them from round 1
+                keep_first = (lambda m: _save_dense_state(dense, m)) if reuse_dense and first is None and dense.is_file() else None
             runs = lottery_ticket(model, snapshot(model), targets, cfg.sparsity.ratio, cfg.rounds, cfg.scope,
                                   lambda m, keeper: finetune(m, processor, task, train, keeper=keeper, progress=progress),
                                   lambda r, m: _save_masks(masks / f"lth-round-{r}.safetensors" if keep_masks else None,
                                                            m, cfg, r),
-                                  first_round=first, keep_first=keep_first)
+                                  first_round=first, keep_first=keep_first, start=start[0] if start else 0.0)
             result = {"seed": seed, **runs["final"], "rounds": runs["rounds"],
-                      "per_round_fraction": runs["per_round_fraction"]}
+                      "per_round_fraction": runs["per_round_fraction"], "start_sparsity": runs["start"]}
         else:
             pruned_dir = Path(scratch) / "pruned"
             prune_checkpoint(src, cfg.prune_config(), pruned_dir, progress=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -84,6 +85,8 @@ def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None,
     dense, is fine-tuned on its task and measured there (the paper's encoder curves)."""
     if finetune is not None:
         tuning = {k: v for k, v in finetune.to_json().items() if k not in ("sparsity", "pattern")}  # per level
+        if finetune.method == "lth":
+            tuning["chain"] = "one chain of rounds up the levels, --rounds between consecutive levels"
         key = {**cfg.key(), "source": str(Path(src).resolve()), "finetune": tuning}
         make, dense = _finetuned(src, cfg, finetune, out, progress)
     else:
@@ -130,12 +133,24 @@ def _finetuned(src: Path, cfg: SweepConfig, ft, out: Output, progress: bool):
     task = prepare_task(src, ft)
     dense = as_eval_result([dense_run(src, task, ft, seed, progress) for seed in ft.seeds], task)
 
+    chain = ft.method == "lth"  # one chain of rounds through the levels, every level a point on it
+
     def make(todo):
+        before = _ticket_chain_start(cfg, todo, out) if chain else None
         for level in sorted(todo, key=lambda lv: lv.ratio):
             t0 = time.perf_counter()
             lvl = replace(ft, sparsity=level)
-            runs = [pruned_run(src, task, lvl, seed, out.tmp, out / "masks" / level.label, progress)[0]
-                    for seed in ft.seeds]
+            runs = []
+            for seed in ft.seeds:
+                start = _saved_ticket(out, before, seed) if before is not None else None
+                result, model, _ = pruned_run(src, task, lvl, seed, out.tmp, out / "masks" / level.label, progress,
+                                              start=start)
+                if chain:
+                    _save_ticket(out, level, seed, model)
+                runs.append(result)
+            if before is not None:  # the chain goes on from this level: the previous tickets are spent
+                shutil.rmtree(out / "tickets" / before["label"], ignore_errors=True)
+            before = {"label": level.label, "sparsity": level.ratio, "runs": runs} if chain else None
             yield level, {"label": level.label, "sparsity": level.ratio,
                           "pattern": f"{level.n}:{level.m}" if level.is_nm else None,
                           "achieved": sum(r["achieved"] for r in runs) / len(runs), "how": "pruned, then fine-tuned",
@@ -143,6 +158,42 @@ def _finetuned(src: Path, cfg: SweepConfig, ft, out: Output, progress: bool):
                           "result": as_eval_result(runs, task), "runs": runs}
 
     return make, dense
+
+
+def _ticket_chain_start(cfg: SweepConfig, todo, out: Output) -> dict | None:
+    """The finished level a lottery-ticket chain continues from (None: from dense). A chain runs
+    up the levels, so a level below a finished one cannot join it."""
+    done = sorted((lv for lv in cfg.levels if lv not in todo), key=lambda lv: lv.ratio)
+    if done and todo and min(lv.ratio for lv in todo) < done[-1].ratio:
+        low = min(todo, key=lambda lv: lv.ratio)
+        raise UserError(f"a lottery-ticket sweep is one chain of rounds up its levels: {low.label} is below the "
+                        f"finished {done[-1].label}; sweep it into another --out")
+    if not done:
+        return None
+    record = out.read_json(f"levels/{done[-1].label}.json")
+    return {"label": done[-1].label, "sparsity": done[-1].ratio, "runs": record["runs"]}
+
+
+def _saved_ticket(out: Output, before: dict, seed: int) -> tuple[float, dict, dict]:
+    """(sparsity, result, trained state dict) of this seed's ticket at the level ``before``."""
+    from safetensors.torch import load_file
+
+    path = out / "tickets" / before["label"] / f"seed{seed}.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a lottery-ticket chain continues from the trained tickets of its last "
+                        "level; sweep into a new --out")
+    result = next(r for r in before["runs"] if r["seed"] == seed)
+    return before["sparsity"], {k: v for k, v in result.items() if k not in ("seed", "rounds")}, load_file(path)
+
+
+def _save_ticket(out: Output, level: Sparsity, seed: int, model) -> None:
+    from safetensors.torch import save_file
+
+    path = out / "tickets" / level.label / f"seed{seed}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tmp)  # clones: no shared storage
+    os.replace(tmp, path)
 
 
 def _eval_key(settings, data: str) -> dict:
@@ -345,6 +396,9 @@ def _protocols(result: dict, finetune: dict | None) -> list[str]:
         train = (finetune or {}).get("train", {})
         length = "max_steps" if (train.get("max_steps") or -1) > 0 else "epochs"  # max_steps overrides epochs
         how = ", ".join(f"{k} {train[k]:g}" for k in (length, "lr", "batch_size") if isinstance(train.get(k), (int, float)))
+        if (finetune or {}).get("chain"):
+            how += (f"; lottery tickets: one chain per seed up the levels, {finetune['rounds']} round(s) of pruning "
+                    "between consecutive levels, rewound to the pre-trained weights")
         return [f"{task}: {result['protocol']}; accuracy on n={entry['n']} test examples, mean over seeds "
                 f"{', '.join(map(str, entry.get('seeds', [])))}" + (f"; fine-tuned with {how}" if how else "")
                 for task, entry in result["tasks"].items()]
