@@ -3,6 +3,7 @@
     python scripts/bench_calibrated.py quality --nsamples 16 --seqlen 512 --ppl-seqlen 512 --ppl-windows 24
     python scripts/bench_calibrated.py speed7b --nsamples 4 --seqlen 512
     python scripts/bench_calibrated.py compare --nsamples 8 --seqlen 512 --json benchmarks/calibrated-vs-llmc.json
+    python scripts/bench_calibrated.py compare --patterns 0.5 0.6 0.7 --allocation owl --json benchmarks/owl-vs-llmc.json
 
 ``quality`` prunes SmolLM2-135M (the embedded model) with omp, wanda and sparsegpt at 50%, 4:8
 and 2:4, calibrating on the embedded Wikipedia passages (calib split), each run in its own
@@ -30,15 +31,28 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-PATTERNS = {"0.5": (0.5, None), "4:8": (None, "4:8"), "2:4": (None, "2:4")}
+OWL_LAMBDA, OWL_M = 0.08, 5.0  # OWL's band and outlier multiple: the paper's LLaMA settings, both tools
 
 
-def run_pruning(src: Path, method: str, pattern: str, out: Path, calib, fmt: str = "dense") -> dict:
+def pattern_arg(text: str) -> str:
+    """A sparsity ("0.6") or an N:M pattern ("2:4"), as both tools take it."""
+    if ":" in text or 0 < float(text) < 1:
+        return text
+    raise argparse.ArgumentTypeError(f"a sparsity in (0, 1) or N:M, got {text!r}")
+
+
+def split_pattern(pattern: str) -> tuple[float | None, str | None]:
+    return (None, pattern) if ":" in pattern else (float(pattern), None)
+
+
+def run_pruning(src: Path, method: str, pattern: str, out: Path, calib, fmt: str = "dense",
+                allocation: str = "uniform") -> dict:
     from llm_prune.config import PruneConfig, Sparsity
     from llm_prune.pipeline import prune_checkpoint
 
-    ratio, nm = PATTERNS[pattern]
-    cfg = PruneConfig(method=method, sparsity=Sparsity.parse(ratio, nm))
+    ratio, nm = split_pattern(pattern)
+    owl = {"band": OWL_LAMBDA, "owl_m": OWL_M} if allocation == "owl" else {}
+    cfg = PruneConfig(method=method, sparsity=Sparsity.parse(ratio, nm), allocation=allocation, **owl)
     return prune_checkpoint(src, cfg, out, fmt=fmt, calib=calib, overwrite=True, progress=False)
 
 
@@ -58,7 +72,7 @@ def cmd_prune(args) -> None:
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         true_sequential=args.true_sequential)
     rss0 = vm_hwm()  # after imports
-    report = run_pruning(Path(args.src), args.method, args.pattern, Path(args.out), calib)
+    report = run_pruning(Path(args.src), args.method, args.pattern, Path(args.out), calib, allocation=args.allocation)
     print(json.dumps({"time_s": report["run"]["time_s"], "peak_rss_bytes": vm_hwm(),
                       "rss_after_imports": rss0, "targeted": report["achieved"]["targeted"],
                       "calibration": report.get("calibration")}))
@@ -216,20 +230,64 @@ def cmd_llmc(args) -> None:
     saved = torch.load(args.windows)
     windows = saved["windows"]
     data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-    structure = "0:0" if args.pattern == "0.5" else args.pattern
-    modifier = (SparseGPTModifier(sparsity=0.5, mask_structure=structure, block_size=128, dampening_frac=0.01,
-                                  targets=["Linear"], ignore=["re:.*lm_head"])
-                if args.method == "sparsegpt" else
-                WandaPruningModifier(sparsity=0.5, mask_structure=structure, targets=["Linear"],
-                                     ignore=["re:.*lm_head"]))
+    ratio, nm = split_pattern(args.pattern)
+    common = {"sparsity": ratio or 0.5, "mask_structure": nm or "0:0", "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
+    make = ((lambda **kw: SparseGPTModifier(block_size=128, dampening_frac=0.01, **kw)) if args.method == "sparsegpt"
+            else WandaPruningModifier)
     model = AutoModelForCausalLM.from_pretrained(saved["src"], dtype=torch.float32)
     t0 = time.perf_counter()
+    if args.allocation == "owl":
+        common.update(_llmc_owl_sparsities(model, make, common["sparsity"], windows))
+    modifier = make(**common)
     oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
     model.to(torch.bfloat16).save_pretrained(args.out)
-    print(json.dumps({"method": args.method, "pattern": args.pattern, "oneshot_s": round(seconds, 2),
+    print(json.dumps({"method": args.method, "pattern": args.pattern, "allocation": args.allocation,
+                      "oneshot_s": round(seconds, 2),
                       "peak_rss_bytes": vm_hwm()}))
+
+
+def _llmc_owl_sparsities(model, make, sparsity: float, windows: torch.Tensor) -> dict:
+    """llm-compressor's own OWL layer sparsities, as modifier settings (per-layer ``sparsity`` and
+    layer ``targets``). ``sparsity_profile="owl"`` itself cannot run in llm-compressor 0.14.0.1:
+    (1) its activation pass calls ``run_calibration`` from inside the modifier's initialisation,
+    which raises "Cannot invoke event before initializing"; (2) with Linear targets it compares 30
+    sparsities to 210 Linear modules and refuses; (3) with layer targets, the dict its OWL returns
+    is never indexed per layer (only a list is). So its ``_infer_owl_layer_sparsity`` runs here
+    unchanged, on the activation sums its ``_get_activations`` takes (1/128 · Σ over calibration
+    batches of each Linear input's per-feature L2 norm, here with plain forward pre-hooks), and the
+    result goes to its SparseGPT/Wanda as the per-layer list they support."""
+    import re
+    from collections import defaultdict
+    from functools import partial
+
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+
+    def activations(self, model, dataloader, nsamples=128):
+        acts = defaultdict(int)
+
+        def save(_module, inputs, name):
+            x = inputs[0] if isinstance(inputs, tuple) else inputs
+            acts[name] += 1.0 / nsamples * x.pow(2).sum(dim=(0, 1)).sqrt()
+
+        hooks = [mod.register_forward_pre_hook(partial(save, name=name)) for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and "lm_head" not in name]
+        try:
+            with torch.no_grad():
+                for batch in dataloader:
+                    model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+        finally:
+            for h in hooks:
+                h.remove()
+        return acts
+
+    SparsityModifierBase._get_activations = activations
+    layers = {n: m for n, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d+", n)}
+    batches = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in windows]
+    probe = make(sparsity=sparsity, sparsity_profile="owl", owl_m=OWL_M, owl_lmbda=OWL_LAMBDA, targets=["Linear"])
+    owl = probe._infer_owl_layer_sparsity(model, layers, batches)
+    return {"sparsity": [float(owl[n]) for n in layers], "targets": [r"re:model\.layers\.\d+$"]}
 
 
 def _timed(cmd: list[str]) -> tuple[dict, float]:
@@ -269,14 +327,15 @@ def cmd_compare(args) -> None:
                 out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
                 if tool == "llm-prune":
                     res, wall = _timed([sys.executable, __file__, "prune", "--src", str(src), "--method", method,
-                                        "--pattern", pattern, "--out", str(out), *common,
+                                        "--pattern", pattern, "--out", str(out), *common, "--allocation", args.allocation,
                                         *(["--true-sequential"] if args.true_sequential else [])])
                     core = res["time_s"]
                 else:
                     res, wall = _timed([args.llmc_python, __file__, "llmc", "--windows", str(windows),
-                                        "--method", method, "--pattern", pattern, "--out", str(out), *common])
+                                        "--method", method, "--pattern", pattern, "--out", str(out), *common,
+                                        "--allocation", args.allocation])
                     core = res["oneshot_s"]
-                rows.append({"tool": tool, "method": method, "pattern": pattern,
+                rows.append({"tool": tool, "method": method, "pattern": pattern, "allocation": args.allocation,
                              "ppl": perplexity(out, ids, args.ppl_seqlen, args.ppl_windows),
                              "process_wall_s": round(wall, 2), "prune_s": round(core, 2),
                              "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20, 1)})
@@ -288,7 +347,9 @@ def cmd_compare(args) -> None:
                 "perplexity": f"held-out split, {int(ids.numel())} tokens, non-overlapping windows of "
                               f"{args.ppl_seqlen}, first {args.ppl_windows} windows, fp32",
                 "settings": "layer scope, every Linear in the blocks (lm_head and embeddings kept), damp 0.01, "
-                            "blocksize 128" + ("; llm-prune --true-sequential" if args.true_sequential else ""),
+                            "blocksize 128" + ("; llm-prune --true-sequential" if args.true_sequential else "")
+                            + (f"; OWL allocation, lambda {OWL_LAMBDA}, M {OWL_M} (llm-compressor: sparsity_profile="
+                               "'owl', owl_lmbda, owl_m)" if args.allocation == "owl" else ""),
                 "threads": args.threads}
     result = {"protocol": protocol, "rows": rows}
     if args.json:
@@ -345,6 +406,8 @@ def main() -> None:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--threads", type=int, default=2)
         s.add_argument("--work", default="/tmp/bench_calibrated")
+        s.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
+                       help=f"owl: both tools with OWL's layer-wise sparsity (lambda {OWL_LAMBDA}, M {OWL_M})")
     q = sub.choices["quality"]
     q.add_argument("--methods", nargs="+", default=["omp", "wanda", "sparsegpt"])
     q.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"])
@@ -353,7 +416,7 @@ def main() -> None:
     pr = sub.choices["prune"]
     pr.add_argument("--src", required=True)
     pr.add_argument("--method", required=True)
-    pr.add_argument("--pattern", required=True, choices=sorted(PATTERNS))
+    pr.add_argument("--pattern", required=True, type=pattern_arg)
     pr.add_argument("--out", required=True)
     pr.add_argument("--true-sequential", action="store_true")
     sub.choices["speed7b"].add_argument("--blocks", type=int, default=1)
@@ -361,11 +424,11 @@ def main() -> None:
     lc = sub.choices["llmc"]
     lc.add_argument("--windows", required=True)
     lc.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
-    lc.add_argument("--pattern", required=True, choices=["0.5", "2:4", "4:8"])
+    lc.add_argument("--pattern", required=True, type=pattern_arg)
     lc.add_argument("--out", required=True)
     cp = sub.choices["compare"]
     cp.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
-    cp.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"])
+    cp.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"], type=pattern_arg)
     cp.add_argument("--tools", nargs="+", default=["llm-prune", "llm-compressor"])
     cp.add_argument("--llmc-python", default="/tmp/llmc/bin/python",
                     help="python of a separate venv with llmcompressor installed")
