@@ -29,6 +29,10 @@ class Arch:
     # the model's own forward, captured at block 0, so they need no entry here. Empty: the family
     # has no calibration path yet.
     embed_modules: tuple[str, ...] = ()
+    # ``--permute``: matrices whose input channels are produced one for one by earlier tensors of
+    # the block (names relative to the block), so that permuting both keeps the block's function
+    # (``llm_prune.permute``). Producers a configuration lacks (biases) are skipped.
+    permutable: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def block_of(self, name: str) -> tuple[int, str] | None:
         """(block index, name relative to the block) or None for non-block tensors."""
@@ -40,22 +44,27 @@ class Arch:
 
 _LLAMA_LIKE = dict(block_re=r"^((?:model\.)?layers\.(\d+)\.)", blocks_attr="model.layers",
                    embed_modules=("model.embed_tokens",))
+_GATED_MLP = (("mlp.down_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias",
+                                        "mlp.up_proj.bias")),)
+_ENCODER_MLP = (("output.dense.weight", ("intermediate.dense.weight", "intermediate.dense.bias")),)
 
 ARCHS: dict[str, Arch] = {
     a.family: a
     for a in [
-        Arch("llama", **_LLAMA_LIKE),
-        Arch("mistral", **_LLAMA_LIKE),
-        Arch("qwen2", **_LLAMA_LIKE),
-        Arch("qwen3", **_LLAMA_LIKE),
-        Arch("gemma", **_LLAMA_LIKE),
-        Arch("phi3", **_LLAMA_LIKE),
+        Arch("llama", **_LLAMA_LIKE, permutable=_GATED_MLP),
+        Arch("mistral", **_LLAMA_LIKE, permutable=_GATED_MLP),
+        Arch("qwen2", **_LLAMA_LIKE, permutable=_GATED_MLP),
+        Arch("qwen3", **_LLAMA_LIKE, permutable=_GATED_MLP),
+        Arch("gemma", **_LLAMA_LIKE, permutable=_GATED_MLP),
+        Arch("phi3", **_LLAMA_LIKE),  # gate_up_proj is fused: no --permute entry yet
         Arch("opt", block_re=r"^((?:model\.)?decoder\.layers\.(\d+)\.)", blocks_attr="model.decoder.layers",
-             embed_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in")),
+             embed_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
+             permutable=(("fc2.weight", ("fc1.weight", "fc1.bias")),)),
         Arch("gpt2", block_re=r"^((?:transformer\.)?h\.(\d+)\.)", blocks_attr="transformer.h", weight_in_first=True,
-             embed_modules=("transformer.wte", "transformer.wpe")),
-        Arch("bert", block_re=r"^((?:bert\.)?encoder\.layer\.(\d+)\.)", blocks_attr="bert.encoder.layer"),
-        Arch("vit", block_re=r"^((?:vit\.)?encoder\.layer\.(\d+)\.)", blocks_attr="vit.encoder.layer"),
+             embed_modules=("transformer.wte", "transformer.wpe"),
+             permutable=(("mlp.c_proj.weight", ("mlp.c_fc.weight", "mlp.c_fc.bias")),)),
+        Arch("bert", block_re=r"^((?:bert\.)?encoder\.layer\.(\d+)\.)", blocks_attr="bert.encoder.layer", permutable=_ENCODER_MLP),
+        Arch("vit", block_re=r"^((?:vit\.)?encoder\.layer\.(\d+)\.)", blocks_attr="vit.encoder.layer", permutable=_ENCODER_MLP),
     ]
 }
 

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="omp", choices=sorted(METHODS), help="pruning method (default: omp)")
     p.add_argument("--sparsity", help="fraction of targeted weights to remove, in [0, 1)")
     p.add_argument("--pattern", help="N:M pattern: keep at most N of every M weights along the input dim")
+    p.add_argument("--permute", action="store_true",
+                   help="with --pattern and ria or wanda: choose the N:M groups after reordering input channels "
+                        "(RIA's channel permutation), only where the block absorbs it (the MLP's down projection "
+                        "and its producers): same function, N:M in storage order")
     p.add_argument("--scope", default="layer", choices=SCOPES,
                    help="layer: each matrix to the sparsity; global: one magnitude threshold over all targets")
     add_allocation_arguments(p)
@@ -213,7 +217,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
                       scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude),
-                      **allocation_kwargs(args))
+                      permute=args.permute, **allocation_kwargs(args))
     get_method(cfg.method).check(cfg)  # a combination the method refuses, before any other work
     calib = calib_config_from_args(args)
     if args.no_save and args.save_mask:

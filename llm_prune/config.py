@@ -104,10 +104,13 @@ class PruneConfig:
     allocation: str = "uniform"
     band: float | None = None  # None: the allocation's default (``allocation.DEFAULT_BAND``)
     owl_m: float = 5.0  # OWL's M: an outlier scores above M x its block's mean (the paper's LLaMA setting)
+    permute: bool = False  # N:M: choose groups after permuting input channels the checkpoint can absorb
 
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise UserError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.permute and not self.sparsity.is_nm:
+            raise UserError("--permute reorders input channels to choose N:M groups; give --pattern N:M")
         if self.scope == "global" and self.sparsity.is_nm:
             raise UserError("an N:M pattern is chosen per group of M weights; --scope global does not apply")
         if self.allocation not in ALLOCATIONS:
@@ -140,6 +143,8 @@ class PruneConfig:
         d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
         # Uniform runs keep the keys they had before allocations existed: their run keys (resume),
         # reports and caches stay what they were.
+        if not self.permute:  # runs without it keep the keys they had before it existed
+            del d["permute"]
         if self.allocation == "uniform":
             del d["allocation"], d["band"], d["owl_m"]
         else:

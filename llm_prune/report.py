@@ -58,6 +58,12 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
             "environment": environment(),
         },
     }
+    if cfg.permute:
+        report["permuted"] = {
+            "inputs_of": [c for c, _ in run.arch.permutable],
+            "outputs_of": sorted({t for _, producers in run.arch.permutable for t in producers}),
+            "how": "per block, input channels reordered (RIA's channel permutation) to choose the N:M groups, "
+                   "and their producers' output channels the same way: the same function, N:M in storage order"}
     if getattr(run, "shares", None) is not None:
         report["allocation"] = run.shares.report(per_tensor, cfg.owl_m if cfg.allocation == "owl" else None)
     if cfg.scope == "global":

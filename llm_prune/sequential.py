@@ -70,6 +70,9 @@ def prune_sequential(run) -> dict:
     if not arch.embed_modules:
         raise UserError(f"calibrated pruning has no entry for {arch.family} models yet "
                         "(embed_modules in llm_prune/arch.py)")
+    if cfg.permute and not arch.permutable:
+        raise UserError(f"--permute knows no matrix of {arch.family} models whose input channels it can reorder "
+                        "(permutable in llm_prune/arch.py)")
     device, dtype = resolve_device(calib.device), calib.torch_dtype()
     seqlen = calib.resolved_seqlen(reader.config)
     run_key = {k: v for k, v in calib.to_json().items() if k not in ("device", "offload")} | {"seqlen": seqlen}
@@ -202,6 +205,7 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
     checkpoint's dtype), the block the full-precision ones. Returns {name: [numel, zeros]}."""
     method, calib = get_method(run.cfg.method), run.calib
     rel_targets = {run.arch.block_of(n)[1]: n for n in unit.targets}
+    producers = dict(run.arch.permutable)
     first = observe(block, list(rel_targets), method, p.device, p.x, p.kwargs, p.dtype,
                     first_group_only=calib.true_sequential)
     groups = first.groups(list(rel_targets)) if calib.true_sequential else [list(rel_targets)]
@@ -211,13 +215,39 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
         observers = first if i == 0 else observe(block, group, method, p.device, p.x, p.kwargs, p.dtype)
         for rel in group:
             name = rel_targets[rel]
-            new, keep = method.solve(tensors[name].to(p.device, torch.float32), observers.stat(rel),
+            stat = observers.stat(rel)
+            if run.cfg.permute and rel in producers:
+                stat = _permute_channels(run, block, tensors, unit, rel, producers[rel], stat, p.device)
+            new, keep = method.solve(tensors[name].to(p.device, torch.float32), stat,
                                      run.sparsity_of(name), weight_in_first=run.arch.weight_in_first, calib=calib)
             mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
             setattr(block.get_submodule(mod_path), pname, nn.Parameter(new.to(p.device, p.dtype), requires_grad=False))
             tensors[name] = stored = new.to(tensors[name].dtype).cpu()
             stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
     return stats
+
+
+def _permute_channels(run, block: nn.Module, tensors: dict, unit: Unit, rel: str, producer_rels, stat, device):
+    """``--permute``: reorder the input channels of target ``rel`` and the output channels of its
+    producers (already solved: their pruned weights in ``tensors``, their solutions in ``block``)
+    so that the N:M groups keep the most of the method's score. Returns the statistic in the new order."""
+    from .permute import channel_permutation, permute_inputs
+
+    wif, method = run.arch.weight_in_first, get_method(run.cfg.method)
+    prefix = unit.targets[0][:-len(run.arch.block_of(unit.targets[0])[1])]
+    name = prefix + rel
+    w = tensors[name].to(device, torch.float32)
+    perm = channel_permutation(method.channel_score(w.t() if wif else w, stat), run.cfg.sparsity.n, run.cfg.sparsity.m)
+    present = [r for r in producer_rels if prefix + r in tensors]
+    permute_inputs(tensors, name, [prefix + r for r in present], perm, wif)
+    module_tensors = {r: block.get_submodule(r.rsplit(".", 1)[0]).get_parameter(r.rsplit(".", 1)[1])
+                      for r in [rel, *present]}
+    moved = {r: t.detach() for r, t in module_tensors.items()}
+    permute_inputs(moved, rel, present, perm.to(device), wif)
+    for r, t in moved.items():
+        mod_path, pname = r.rsplit(".", 1)
+        setattr(block.get_submodule(mod_path), pname, nn.Parameter(t, requires_grad=False))
+    return stat.permuted(perm)
 
 
 def saved_inputs_bytes(model_config: dict, calib: CalibConfig) -> int:

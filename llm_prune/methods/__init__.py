@@ -52,6 +52,9 @@ class Method:
     nested: bool = False
     # The ``CalibConfig`` fields ``solve`` reads, recorded in sparsity.json beside the calibration.
     calib_fields: tuple[str, ...] = ()
+    # ``--permute``: the score [out, in] a permutation of input channels tries to keep under N:M,
+    # from a weight [out, in] and its statistic (which then has ``permuted(perm)``). None: no --permute.
+    channel_score: Callable | None = None
 
     def __post_init__(self):
         if (self.score is None) == (self.solve is None):
@@ -69,6 +72,10 @@ class Method:
             raise UserError(f"--scope global does not apply to {self.name}: it is one threshold on a data-free "
                             f"score across all targets, and {self.name} prunes each matrix from its own "
                             "calibration statistics (use --scope layer)")
+        if cfg.permute and self.channel_score is None:
+            with_it = ", ".join(sorted(m.name for m in METHODS.values() if m.channel_score is not None))
+            raise UserError(f"--permute does not apply to {self.name}: it keeps a calibrated score under N:M "
+                            f"(methods: {with_it})")
         if cfg.allocation == "owl" and self.score is not None:
             raise UserError(f"--allocation owl weighs blocks by their calibration activations, which {self.name} "
                             "never reads (use --allocation alpha: data-free, from each matrix's spectrum)")

@@ -7,8 +7,9 @@ the total weight of its row (the output it feeds) and of its column (the input i
 no output channel or input channel loses all its weights to channels that are merely larger
 everywhere, and then damps the activation factor by the power a (the paper's 0.5). As in the
 paper's code the smallest scores of each output row go (the smallest M-N of every M inputs for
-N:M), the kept weights unchanged; ties prune the earlier weight first. The paper's optional
-channel permutation for N:M is not implemented.
+N:M), the kept weights unchanged; ties prune the earlier weight first. The paper's channel
+permutation for N:M is ``--permute`` (``llm_prune.permute``), applied where the checkpoint can
+absorb it.
 """
 
 from __future__ import annotations
@@ -48,4 +49,5 @@ def _solve(weight, stat: InputNorms, sparsity: Sparsity, *, weight_in_first: boo
 
 
 register(Method("ria", "RIA: prune the smallest (|W|/row sum + |W|/column sum)·||X||^0.5 in each output row "
-                "(calibration activations)", solve=_solve, observer=InputNorms))
+                "(calibration activations)", solve=_solve, observer=InputNorms,
+                channel_score=lambda w, stat: ria_scores(w, stat.norms)))

@@ -31,6 +31,12 @@ class InputNorms:
     def norms(self) -> torch.Tensor:
         return self.sq.sqrt().to(torch.float32)
 
+    def permuted(self, perm: torch.Tensor) -> "InputNorms":
+        """The same statistic with the input features in ``perm``'s order."""
+        other = InputNorms(0, self.sq.device)
+        other.sq, other.count = self.sq[perm.to(self.sq.device)], self.count
+        return other
+
 
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """|W| · ||X_j|| in fp32, [out, in]."""
@@ -80,4 +86,4 @@ def _solve(weight, stat: InputNorms, sparsity: Sparsity, *, weight_in_first: boo
 
 
 register(Method("wanda", "Wanda: prune the smallest |W|·||X|| in each output row (calibration activations)",
-                solve=_solve, observer=InputNorms))
+                solve=_solve, observer=InputNorms, channel_score=lambda w, stat: wanda_scores(w, stat.norms)))

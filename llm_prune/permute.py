@@ -1,0 +1,86 @@
+"""Input-channel permutation for N:M patterns, absorbed into the checkpoint (``--permute``).
+
+An N:M pattern keeps N of every M consecutive input channels of a row; which channels share a
+group is an accident of the checkpoint's order. Choosing the groups after permuting the input
+channels keeps more of the method's score: RIA (Zhang et al., 2024) deals the channels out by
+importance (``reallocation``: every group gets one channel of each importance quantile), then
+improves the deal slot by slot with a linear sum assignment (``refine``).
+
+RIA's code leaves every matrix in a permuted order that a runtime must undo by permuting the
+activations before each matrix. Here a permutation is used only where the checkpoint can absorb
+it, as NVIDIA's ASP does: a matrix whose input channels are produced one for one by earlier
+matrices of its block (the MLP's down projection reads gate·up's outputs; ``Arch.permutable``).
+The producers' output rows are permuted the same way, so the block computes the same function,
+every matrix is N:M in storage order (packed 2:4 included) and inference changes nothing.
+Matrices that read the residual stream (q/k/v, gate/up) share their input order with the whole
+model and keep it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK = 1 << 24  # elements of the [rows, groups, groups] gain tensor built at once (64 MiB fp32)
+
+
+def kept_score(scores: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
+    """Score an N:M mask keeps, [out, in] scores, the input channels taken in ``perm``'s order."""
+    s = scores if perm is None else scores[:, perm]
+    return float(s.reshape(s.shape[0], -1, m).topk(n, dim=2).values.sum(dtype=torch.float64))
+
+
+def channel_permutation(scores: torch.Tensor, n: int, m: int, rounds: int = 2) -> torch.Tensor:
+    """An order of the input channels of ``scores`` [out, in] whose N:M groups keep at least as
+    much score as the stored order (which is returned when nothing beats it)."""
+    s = scores.detach().to("cpu", torch.float32)
+    identity = torch.arange(s.shape[1])
+    perm = refine(s, reallocation(s.sum(0), m), n, m, rounds)
+    return perm if kept_score(s, n, m, perm) > kept_score(s, n, m) else identity
+
+
+def reallocation(importance: torch.Tensor, m: int) -> torch.Tensor:
+    """RIA's deal: channels sorted by importance, cut into M quantiles; slot k of group g takes
+    quantile k's g-th channel, every other quantile taken in reverse (so strong meets weak)."""
+    order = torch.sort(importance, stable=True).indices
+    groups = order.numel() // m
+    perm = torch.empty_like(order)
+    for k in range(m):
+        chunk = order[k * groups:(k + 1) * groups]
+        perm[k::m] = chunk.flip(0) if k % 2 else chunk
+    return perm
+
+
+def refine(s: torch.Tensor, perm: torch.Tensor, n: int, m: int, rounds: int) -> torch.Tensor:
+    """Reassign each slot's channels among the groups by a linear sum assignment, the other slots
+    held: the best assignment is at least the current one, so the kept score never drops."""
+    from scipy.optimize import linear_sum_assignment
+
+    perm = perm.clone()
+    rows, groups = s.shape[0], s.shape[1] // m
+    for _ in range(rounds):
+        for k in range(m):
+            g = perm.view(groups, m)
+            S = s[:, perm].view(rows, groups, m)
+            others = torch.cat([S[:, :, :k], S[:, :, k + 1:]], dim=2)
+            top = others.topk(n, dim=2).values  # n < m: the others always hold n
+            base, nth = top.sum(2), top[:, :, n - 1]
+            cand = S[:, :, k]  # candidate c is the channel now in slot k of group c
+            # gain[c, g]: what group g keeps with candidate c in slot k = base + max(0, cand - nth)
+            gain = base.sum(0, dtype=torch.float64).expand(groups, groups).clone()
+            step = max(1, _CHUNK // (groups * groups))
+            for r in range(0, rows, step):
+                gain += (cand[r:r + step, :, None] - nth[r:r + step, None, :]).clamp_min_(0).sum(0, dtype=torch.float64)
+            rows_c, cols_g = linear_sum_assignment(gain.numpy(), maximize=True)
+            slot = g[:, k].clone()
+            g[torch.as_tensor(cols_g), k] = slot[torch.as_tensor(rows_c)]
+    return perm
+
+
+def permute_inputs(tensors: dict[str, torch.Tensor], consumer: str, producers: list[str], perm: torch.Tensor,
+                   weight_in_first: bool) -> None:
+    """Reorder ``consumer``'s input channels and its ``producers``' output channels by ``perm``
+    (weights and biases, in place in ``tensors``): the block computes the same function."""
+    tensors[consumer] = tensors[consumer].index_select(0 if weight_in_first else 1, perm).contiguous()
+    for name in producers:
+        t = tensors[name]
+        tensors[name] = t.index_select(1 if weight_in_first and t.dim() == 2 else 0, perm).contiguous()
