@@ -146,6 +146,13 @@ def test_sweep_of_a_calibrated_method(tmp_path, capsys):
     assert [lv["how"] for lv in sweep["levels"]] == ["exported, then loaded"] * 2
     assert [lv["achieved"] for lv in sweep["levels"]] == pytest.approx([0.3, 0.6], abs=0.02)  # per row: round(0.3 * 32) = 10 of 32
     assert not list((tmp_path / "sw").glob("scratch-*"))  # each level's export is deleted once measured
+    code, _, _ = run(capsys, "sweep", src, "--method", "ria", "--pattern", "2:4", "--permute", "--eval", "ppl",
+                     "--eval-seqlen", "16", "--eval-ppl-windows", "4", "--eval-data", "local", "--calib", calib,
+                     "--nsamples", "4", "--seqlen", "16", "--out", tmp_path / "perm", "--quiet")
+    assert code == 0
+    sweep = json.loads((tmp_path / "perm" / "sweep.json").read_text())
+    level = json.loads((tmp_path / "perm" / "levels" / "2of4.json").read_text())
+    assert level["key"]["permute"] is True and sweep["levels"][0]["achieved"] == 0.5
 
 
 @pytest.mark.parametrize("args,match", [
@@ -153,6 +160,7 @@ def test_sweep_of_a_calibrated_method(tmp_path, capsys):
     (["--sparsities", "0.5,1.2"], "--sparsities 0.5,1.2"),
     (["--sparsities", "0.3", "--method", "wanda", "--scope", "global"], "--scope global does not apply to wanda"),
     (["--sparsities", "0.3", "--eval", "nonsense_task"], "unknown task 'nonsense_task'"),
+    (["--sparsities", "0.3", "--method", "ria", "--permute"], "--permute reorders input channels to choose N:M"),
 ])
 def test_sweep_bad_input_is_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys, args, match):
     code, _, err = run(capsys, "sweep", tiny_llama, *args, "--out", tmp_path / "sw", "--quiet")

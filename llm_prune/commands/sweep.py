@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsities", default=None,
                    help="levels: START:STOP:STEP (inclusive) or a comma list (default: 0.1:0.7:0.05 unless --pattern)")
     p.add_argument("--pattern", help="N:M levels, comma-separated (e.g. 2:4,4:8), each at its own sparsity 1-N/M")
+    p.add_argument("--permute", action="store_true",
+                   help="N:M levels with ria or wanda: choose the groups after reordering the input channels the "
+                        "block absorbs (as the prune command's --permute)")
     p.add_argument("--scope", default="layer", choices=SCOPES, help="layer, or global (one threshold, data-free methods)")
     add_allocation_arguments(p)
     add_selection_arguments(p)
@@ -63,17 +66,20 @@ def run(args: argparse.Namespace) -> int:
     levels = tuple(levels_from(sparsities, args.pattern))
     if args.method == "lth" and not args.finetune:
         raise UserError("lottery tickets are found by fine-tuning: give --finetune TASK")
+    if args.finetune and args.permute:
+        raise UserError("--permute chooses N:M groups for --eval sweeps of ria or wanda; --finetune prunes by magnitude")
     if args.finetune and args.allocation != "uniform":
         raise UserError("--allocation shares sparsity out for --eval sweeps; --finetune prunes uniformly (drop one)")
     finetune = config_from_args(args, task=args.finetune, sparsity=levels[0]) if args.finetune else None
     tasks = (finetune.task.rstrip("/").split("/")[-1],) if finetune else tuple(eval_cli.parse_tasks(args.eval))
     cfg = SweepConfig(method=args.method, scope=args.scope, levels=levels, targets=tuple(args.targets),
                       exclude=tuple(args.exclude), tasks=tasks, epsilon_points=args.epsilon,
-                      ppl_epsilon=args.ppl_epsilon, save_masks=args.save_mask, **allocation_kwargs(args))
+                      ppl_epsilon=args.ppl_epsilon, save_masks=args.save_mask, permute=args.permute,
+                      **allocation_kwargs(args))
     settings = eval_cli.settings_from_args(args, prefix="eval-", progress=not args.quiet)
     src = resolve_model(args.model)
     what = (f"{args.method}{'-global' if args.scope == 'global' else ''}{'-' + tasks[0] if finetune else ''}"
-            f"{'' if args.allocation == 'uniform' else '-' + args.allocation}")
+            f"{'' if args.allocation == 'uniform' else '-' + args.allocation}{'-permute' if args.permute else ''}")
     out = Output(args.out or default_out(args.model, f"sweep-{what}"),
                  overwrite=args.overwrite, resume=args.resume)
     try:

@@ -56,6 +56,7 @@ class SweepConfig:
     allocation: str = "uniform"  # as PruneConfig's: every level shared out between blocks the same way
     band: float | None = None
     owl_m: float = 5.0
+    permute: bool = False  # N:M levels: PruneConfig's --permute
 
     def __post_init__(self):
         if not self.levels:
@@ -67,12 +68,14 @@ class SweepConfig:
 
     def prune_config(self, level: Sparsity) -> PruneConfig:
         return PruneConfig(self.method, level, self.scope, self.targets, self.exclude, self.allocation, self.band,
-                           self.owl_m)
+                           self.owl_m, self.permute)
 
     def key(self) -> dict:
         """What a resumed sweep must share with the levels it finds (the levels themselves may differ)."""
         d = asdict(self)
         del d["levels"], d["save_masks"], d["epsilon_points"], d["ppl_epsilon"]
+        if not self.permute:
+            del d["permute"]
         if self.allocation == "uniform":  # the keys of sweeps made before allocations existed
             del d["allocation"], d["band"], d["owl_m"]
         return d
