@@ -33,6 +33,9 @@ class Arch:
     # the block (names relative to the block), so that permuting both keeps the block's function
     # (``llm_prune.permute``). Producers a configuration lacks (biases) are skipped.
     permutable: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The same for the attention output projection and the value projection: reordered within each
+    # value head (and every query head that reads it), from the config's head counts.
+    permutable_heads: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def block_of(self, name: str) -> tuple[int, str] | None:
         """(block index, name relative to the block) or None for non-block tensors."""
@@ -47,24 +50,29 @@ _LLAMA_LIKE = dict(block_re=r"^((?:model\.)?layers\.(\d+)\.)", blocks_attr="mode
 _GATED_MLP = (("mlp.down_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias",
                                         "mlp.up_proj.bias")),)
 _ENCODER_MLP = (("output.dense.weight", ("intermediate.dense.weight", "intermediate.dense.bias")),)
+_VALUE_HEADS = (("self_attn.o_proj.weight", ("self_attn.v_proj.weight", "self_attn.v_proj.bias")),)
+_ENCODER_HEADS = (("attention.output.dense.weight", ("attention.self.value.weight", "attention.self.value.bias")),)
 
 ARCHS: dict[str, Arch] = {
     a.family: a
     for a in [
-        Arch("llama", **_LLAMA_LIKE, permutable=_GATED_MLP),
-        Arch("mistral", **_LLAMA_LIKE, permutable=_GATED_MLP),
-        Arch("qwen2", **_LLAMA_LIKE, permutable=_GATED_MLP),
-        Arch("qwen3", **_LLAMA_LIKE, permutable=_GATED_MLP),
-        Arch("gemma", **_LLAMA_LIKE, permutable=_GATED_MLP),
+        Arch("llama", **_LLAMA_LIKE, permutable=_GATED_MLP, permutable_heads=_VALUE_HEADS),
+        Arch("mistral", **_LLAMA_LIKE, permutable=_GATED_MLP, permutable_heads=_VALUE_HEADS),
+        Arch("qwen2", **_LLAMA_LIKE, permutable=_GATED_MLP, permutable_heads=_VALUE_HEADS),
+        Arch("qwen3", **_LLAMA_LIKE, permutable=_GATED_MLP, permutable_heads=_VALUE_HEADS),
+        Arch("gemma", **_LLAMA_LIKE, permutable=_GATED_MLP, permutable_heads=_VALUE_HEADS),
         Arch("phi3", **_LLAMA_LIKE),  # gate_up_proj is fused: no --permute entry yet
         Arch("opt", block_re=r"^((?:model\.)?decoder\.layers\.(\d+)\.)", blocks_attr="model.decoder.layers",
              embed_modules=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-             permutable=(("fc2.weight", ("fc1.weight", "fc1.bias")),)),
+             permutable=(("fc2.weight", ("fc1.weight", "fc1.bias")),),
+             permutable_heads=(("self_attn.out_proj.weight", ("self_attn.v_proj.weight", "self_attn.v_proj.bias")),)),
         Arch("gpt2", block_re=r"^((?:transformer\.)?h\.(\d+)\.)", blocks_attr="transformer.h", weight_in_first=True,
              embed_modules=("transformer.wte", "transformer.wpe"),
              permutable=(("mlp.c_proj.weight", ("mlp.c_fc.weight", "mlp.c_fc.bias")),)),
-        Arch("bert", block_re=r"^((?:bert\.)?encoder\.layer\.(\d+)\.)", blocks_attr="bert.encoder.layer", permutable=_ENCODER_MLP),
-        Arch("vit", block_re=r"^((?:vit\.)?encoder\.layer\.(\d+)\.)", blocks_attr="vit.encoder.layer", permutable=_ENCODER_MLP),
+        Arch("bert", block_re=r"^((?:bert\.)?encoder\.layer\.(\d+)\.)", blocks_attr="bert.encoder.layer",
+             permutable=_ENCODER_MLP, permutable_heads=_ENCODER_HEADS),
+        Arch("vit", block_re=r"^((?:vit\.)?encoder\.layer\.(\d+)\.)", blocks_attr="vit.encoder.layer",
+             permutable=_ENCODER_MLP, permutable_heads=_ENCODER_HEADS),
     ]
 }
 

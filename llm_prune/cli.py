@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--permute", action="store_true",
                    help="with --pattern and ria or wanda: choose the N:M groups after reordering input channels "
                         "(RIA's channel permutation), only where the block absorbs it (the MLP's down projection "
-                        "and its producers): same function, N:M in storage order")
+                        "with gate/up, the attention output with the value heads): same function, N:M in storage order")
     p.add_argument("--scope", default="layer", choices=SCOPES,
                    help="layer: each matrix to the sparsity; global: one magnitude threshold over all targets")
     add_allocation_arguments(p)

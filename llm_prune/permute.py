@@ -9,7 +9,8 @@ improves the deal slot by slot with a linear sum assignment (``refine``).
 RIA's code leaves every matrix in a permuted order that a runtime must undo by permuting the
 activations before each matrix. Here a permutation is used only where the checkpoint can absorb
 it, as NVIDIA's ASP does: a matrix whose input channels are produced one for one by earlier
-matrices of its block (the MLP's down projection reads gate·up's outputs; ``Arch.permutable``).
+matrices of its block (the MLP's down projection reads gate·up's outputs; ``Arch.permutable``),
+or by the value projection through attention, head by head (``Arch.permutable_heads``).
 The producers' output rows are permuted the same way, so the block computes the same function,
 every matrix is N:M in storage order (packed 2:4 included) and inference changes nothing.
 Matrices that read the residual stream (q/k/v, gate/up) share their input order with the whole
@@ -76,11 +77,30 @@ def refine(s: torch.Tensor, perm: torch.Tensor, n: int, m: int, rounds: int) -> 
     return perm
 
 
+def head_permutation(scores: torch.Tensor, n: int, m: int, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order of the attention output projection's input channels, order of the value projection's
+    output channels). Attention mixes positions, never the dimensions of a head, so each value
+    head's dimensions may be reordered, and the output projection's columns of every query head
+    that reads it (grouped-query attention: query head h reads value head h // (heads / kv_heads))
+    the same way; one order per value head, chosen for all of its query heads' columns at once."""
+    hd, per = scores.shape[1] // heads, heads // kv_heads
+    into, out = torch.empty(heads * hd, dtype=torch.long), torch.empty(kv_heads * hd, dtype=torch.long)
+    for g in range(kv_heads):
+        reading = range(g * per, (g + 1) * per)
+        order = channel_permutation(torch.cat([scores[:, h * hd:(h + 1) * hd] for h in reading]), n, m)
+        out[g * hd:(g + 1) * hd] = g * hd + order
+        for h in reading:
+            into[h * hd:(h + 1) * hd] = h * hd + order
+    return into, out
+
+
 def permute_inputs(tensors: dict[str, torch.Tensor], consumer: str, producers: list[str], perm: torch.Tensor,
-                   weight_in_first: bool) -> None:
-    """Reorder ``consumer``'s input channels and its ``producers``' output channels by ``perm``
-    (weights and biases, in place in ``tensors``): the block computes the same function."""
+                   weight_in_first: bool, producer_perm: torch.Tensor | None = None) -> None:
+    """Reorder ``consumer``'s input channels by ``perm`` and its ``producers``' output channels by
+    ``producer_perm`` (default: ``perm``), weights and biases, in place in ``tensors``: the block
+    computes the same function."""
     tensors[consumer] = tensors[consumer].index_select(0 if weight_in_first else 1, perm).contiguous()
+    order = perm if producer_perm is None else producer_perm
     for name in producers:
         t = tensors[name]
-        tensors[name] = t.index_select(1 if weight_in_first and t.dim() == 2 else 0, perm).contiguous()
+        tensors[name] = t.index_select(1 if weight_in_first and t.dim() == 2 else 0, order).contiguous()

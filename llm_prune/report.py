@@ -60,10 +60,11 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
     }
     if cfg.permute:
         report["permuted"] = {
-            "inputs_of": [c for c, _ in run.arch.permutable],
-            "outputs_of": sorted({t for _, producers in run.arch.permutable for t in producers}),
+            "inputs_of": [c for c, _ in run.arch.permutable + run.arch.permutable_heads],
+            "outputs_of": sorted({t for _, ps in run.arch.permutable + run.arch.permutable_heads for t in ps}),
             "how": "per block, input channels reordered (RIA's channel permutation) to choose the N:M groups, "
-                   "and their producers' output channels the same way: the same function, N:M in storage order"}
+                   "and their producers' output channels the same way (value heads: within each head, for "
+                   "every query head that reads it): the same function, N:M in storage order"}
     if getattr(run, "shares", None) is not None:
         report["allocation"] = run.shares.report(per_tensor, cfg.owl_m if cfg.allocation == "owl" else None)
     if cfg.scope == "global":

@@ -205,7 +205,7 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
     checkpoint's dtype), the block the full-precision ones. Returns {name: [numel, zeros]}."""
     method, calib = get_method(run.cfg.method), run.calib
     rel_targets = {run.arch.block_of(n)[1]: n for n in unit.targets}
-    producers = dict(run.arch.permutable)
+    producers = {**dict(run.arch.permutable), **dict(run.arch.permutable_heads)}
     first = observe(block, list(rel_targets), method, p.device, p.x, p.kwargs, p.dtype,
                     first_group_only=calib.true_sequential)
     groups = first.groups(list(rel_targets)) if calib.true_sequential else [list(rel_targets)]
@@ -217,7 +217,7 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
             name = rel_targets[rel]
             stat = observers.stat(rel)
             if run.cfg.permute and rel in producers:
-                stat = _permute_channels(run, block, tensors, unit, rel, producers[rel], stat, p.device)
+                stat = _permute_channels(run, block, tensors, unit, rel, stat, p.device)
             new, keep = method.solve(tensors[name].to(p.device, torch.float32), stat,
                                      run.sparsity_of(name), weight_in_first=run.arch.weight_in_first, calib=calib)
             mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
@@ -227,23 +227,37 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
     return stats
 
 
-def _permute_channels(run, block: nn.Module, tensors: dict, unit: Unit, rel: str, producer_rels, stat, device):
+def _permute_channels(run, block: nn.Module, tensors: dict, unit: Unit, rel: str, stat, device):
     """``--permute``: reorder the input channels of target ``rel`` and the output channels of its
     producers (already solved: their pruned weights in ``tensors``, their solutions in ``block``)
-    so that the N:M groups keep the most of the method's score. Returns the statistic in the new order."""
-    from .permute import channel_permutation, permute_inputs
+    so that the N:M groups keep the most of the method's score. Returns the statistic in the new
+    order (unchanged when the matrix cannot be reordered)."""
+    from .permute import channel_permutation, head_permutation, permute_inputs
 
-    wif, method = run.arch.weight_in_first, get_method(run.cfg.method)
-    prefix = unit.targets[0][:-len(run.arch.block_of(unit.targets[0])[1])]
-    name = prefix + rel
-    w = tensors[name].to(device, torch.float32)
-    perm = channel_permutation(method.channel_score(w.t() if wif else w, stat), run.cfg.sparsity.n, run.cfg.sparsity.m)
+    arch, (n, m) = run.arch, (run.cfg.sparsity.n, run.cfg.sparsity.m)
+    wif, method = arch.weight_in_first, get_method(run.cfg.method)
+    prefix = unit.targets[0][:-len(arch.block_of(unit.targets[0])[1])]
+    w = tensors[prefix + rel].to(device, torch.float32)
+    scores = method.channel_score(w.t() if wif else w, stat)
+    heads = dict(arch.permutable_heads)
+    if rel in heads:
+        cfg = run.reader.config
+        n_heads = cfg.get("num_attention_heads") or 0
+        kv_heads = cfg.get("num_key_value_heads") or n_heads
+        if not n_heads or scores.shape[1] % n_heads or (scores.shape[1] // n_heads) % m or n_heads % kv_heads:
+            log.info("--permute leaves %s in order: its heads do not split into whole groups of %d", rel, m)
+            return stat
+        perm, producer_perm = head_permutation(scores, n, m, n_heads, kv_heads)
+        producer_rels = heads[rel]
+    else:
+        perm, producer_perm = channel_permutation(scores, n, m), None
+        producer_rels = dict(arch.permutable)[rel]
     present = [r for r in producer_rels if prefix + r in tensors]
-    permute_inputs(tensors, name, [prefix + r for r in present], perm, wif)
-    module_tensors = {r: block.get_submodule(r.rsplit(".", 1)[0]).get_parameter(r.rsplit(".", 1)[1])
-                      for r in [rel, *present]}
-    moved = {r: t.detach() for r, t in module_tensors.items()}
-    permute_inputs(moved, rel, present, perm.to(device), wif)
+    permute_inputs(tensors, prefix + rel, [prefix + r for r in present], perm, wif, producer_perm)
+    moved = {r: block.get_submodule(r.rsplit(".", 1)[0]).get_parameter(r.rsplit(".", 1)[1]).detach()
+             for r in [rel, *present]}
+    permute_inputs(moved, rel, present, perm.to(device), wif,
+                   None if producer_perm is None else producer_perm.to(device))
     for r, t in moved.items():
         mod_path, pname = r.rsplit(".", 1)
         setattr(block.get_submodule(mod_path), pname, nn.Parameter(t, requires_grad=False))

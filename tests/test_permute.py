@@ -90,11 +90,11 @@ def test_permuted_export_is_2of4_in_storage_and_the_same_function(tiny_llama, ca
     calib = calib_for(calib_text)
     run(src, PruneConfig(method=method, sparsity=TWO_FOUR), calib, tmp_path / "plain")
     report = run(src, PruneConfig(method=method, sparsity=TWO_FOUR, permute=True), calib, tmp_path / "perm", fmt="packed24")
-    assert report["permuted"]["inputs_of"] == ["mlp.down_proj.weight"]
+    assert report["permuted"]["inputs_of"] == ["mlp.down_proj.weight", "self_attn.o_proj.weight"]
     assert main(["verify", str(tmp_path / "perm"), "--quiet"]) == 0
     from llm_prune import load
 
-    plain, perm, source = load_dir(tmp_path / "plain"), load(tmp_path / "perm", progress=False).state_dict(), load_dir(src)
+    plain, perm = load_dir(tmp_path / "plain"), load(tmp_path / "perm", progress=False).state_dict()
     p = "model.layers.0.mlp."
     order = torch.tensor([plain[p + "gate_proj.weight"].tolist().index(row) for row in perm[p + "gate_proj.weight"].tolist()])
     assert sorted(order.tolist()) == list(range(64)) and (order != torch.arange(64)).any()
@@ -103,13 +103,27 @@ def test_permuted_export_is_2of4_in_storage_and_the_same_function(tiny_llama, ca
     undone = torch.empty_like(down)
     undone[:, order] = down
     kept = undone != 0
+    source = load_dir(src)
     assert torch.equal(undone[kept], source[p + "down_proj.weight"][kept]) and int(kept.sum()) == down.numel() // 2
     assert not torch.equal(kept, plain[p + "down_proj.weight"] != 0)  # chosen under the permutation
+    # attention: each value head's rows reordered within the head (2 heads of 8 here), the output
+    # projection's columns of both query heads reading it the same way
+    a = "model.layers.0.self_attn."
+    rows = torch.tensor([plain[a + "v_proj.weight"].tolist().index(r) for r in perm[a + "v_proj.weight"].tolist()])
+    assert sorted(rows.tolist()) == list(range(16)) and all(set(rows[g * 8:(g + 1) * 8].tolist()) == set(range(g * 8, g * 8 + 8))
+                                                             for g in range(2))
+    cols = torch.cat([h * 8 + rows[(h // 2) * 8:(h // 2 + 1) * 8] - (h // 2) * 8 for h in range(4)])
+    o = torch.empty_like(perm[a + "o_proj.weight"])
+    o[:, cols] = perm[a + "o_proj.weight"]
+    assert torch.equal(o[o != 0], source[a + "o_proj.weight"][o != 0])
+    for name in ("q_proj", "k_proj"):
+        assert torch.equal(perm[a + name + ".weight"], plain[a + name + ".weight"])
     for name in plain:
-        if name.startswith("model.layers.0.self_attn") or ".layers." not in name:
+        if ".layers." not in name:
             assert torch.equal(perm[name], plain[name]), name
     for layer in range(3):
         assert is_nm(perm[f"model.layers.{layer}.mlp.down_proj.weight"], 2, 4)
+        assert is_nm(perm[f"model.layers.{layer}.self_attn.o_proj.weight"], 2, 4)
 
 
 def test_permute_on_the_command_line(tiny_llama, calib_text, tmp_path, capsys):
@@ -149,18 +163,32 @@ def test_the_block_that_computes_the_next_inputs_is_permuted_with_the_tensors():
     prefix = "model.layers.0."
     down0 = block.mlp.down_proj.weight.detach().clone()
     tensors = {prefix + n: t.detach().clone() for n, t in block.state_dict().items()}
-    stat = InputNorms(cfg.intermediate_size)
-    stat.add(torch.rand(16, cfg.intermediate_size) * torch.linspace(0.1, 3, cfg.intermediate_size))
-    run = SimpleNamespace(arch=ARCHS["llama"], cfg=PruneConfig(method="ria", sparsity=TWO_FOUR, permute=True))
-    unit = SimpleNamespace(targets=[prefix + "mlp.down_proj.weight"])
-    rel = "mlp.down_proj.weight"
-    new_stat = _permute_channels(run, block, tensors, unit, rel, dict(ARCHS["llama"].permutable)[rel], stat, "cpu")
+    o0 = block.self_attn.o_proj.weight.detach().clone()
+    run = SimpleNamespace(arch=ARCHS["llama"], cfg=PruneConfig(method="ria", sparsity=TWO_FOUR, permute=True),
+                          reader=SimpleNamespace(config=cfg.to_dict()))
+    unit = SimpleNamespace(targets=[prefix + "self_attn.o_proj.weight", prefix + "mlp.down_proj.weight"])
+    for rel, width in (("self_attn.o_proj.weight", cfg.hidden_size), ("mlp.down_proj.weight", cfg.intermediate_size)):
+        stat = InputNorms(width)
+        stat.add(torch.rand(16, width) * torch.linspace(0.1, 3, width))
+        new_stat = _permute_channels(run, block, tensors, unit, rel, stat, "cpu")
+        assert sorted(new_stat.norms.tolist()) == sorted(stat.norms.tolist()) and not torch.equal(new_stat.norms, stat.norms)
     with torch.no_grad():
         after = forward()
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     params = dict(block.named_parameters())
     assert all(torch.equal(tensors[prefix + n], params[n]) for n in params)
-    down = tensors[prefix + rel]
-    assert not torch.equal(down, down0) and torch.equal(down.sort(dim=1).values, down0.sort(dim=1).values)
-    perm_norms = new_stat.norms
-    assert sorted(perm_norms.tolist()) == sorted(stat.norms.tolist()) and not torch.equal(perm_norms, stat.norms)
+    for rel, w0 in (("mlp.down_proj.weight", down0), ("self_attn.o_proj.weight", o0)):
+        w = tensors[prefix + rel]
+        assert not torch.equal(w, w0) and torch.equal(w.sort(dim=1).values, w0.sort(dim=1).values)
+
+
+def test_value_heads_are_reordered_within_each_head_for_every_query_head_that_reads_it():
+    from llm_prune.permute import head_permutation
+
+    s = torch.rand(6, 4 * 8, generator=torch.Generator().manual_seed(1)) ** 3  # 4 query heads of 8, 2 value heads
+    into, out = head_permutation(s, 2, 4, heads=4, kv_heads=2)
+    assert sorted(into.tolist()) == list(range(32)) and sorted(out.tolist()) == list(range(16))
+    for h in range(4):
+        g = h // 2
+        assert (into[h * 8:(h + 1) * 8] - h * 8).tolist() == (out[g * 8:(g + 1) * 8] - g * 8).tolist()
+    assert kept_score(s, 2, 4, into) >= kept_score(s, 2, 4)
