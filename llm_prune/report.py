@@ -78,7 +78,8 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
 def environment() -> dict:
     """What the output's bytes may depend on besides the inputs and settings: the versions, and the
     thread count (SparseGPT's solver runs BLAS, whose sums depend on it; the magnitude kernels,
-    Wanda and the formats give the same bytes on any number of threads)."""
+    Wanda and the formats give the same bytes on any number of threads; ``--permute``'s gain sums
+    are vectorised for the CPU, so a near-tie may resolve differently on another CPU)."""
     import platform
     import sys
     from importlib.metadata import PackageNotFoundError, version

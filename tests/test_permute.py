@@ -192,3 +192,12 @@ def test_value_heads_are_reordered_within_each_head_for_every_query_head_that_re
         g = h // 2
         assert (into[h * 8:(h + 1) * 8] - h * 8).tolist() == (out[g * 8:(g + 1) * 8] - g * 8).tolist()
     assert kept_score(s, 2, 4, into) >= kept_score(s, 2, 4)
+
+
+def test_the_compiled_gain_table_is_the_torch_one():
+    from llm_prune.kernels.permute import gain_table
+
+    g = torch.Generator().manual_seed(3)
+    cand, nth = torch.rand(37, 12, generator=g), torch.rand(37, 12, generator=g)
+    expect = (cand.double()[:, :, None] - nth.double()[:, None, :]).clamp_min(0).sum(0)
+    torch.testing.assert_close(gain_table(cand, nth).double(), expect, rtol=1e-5, atol=1e-5)
