@@ -59,9 +59,11 @@ def build_report(run, source_name: str, file_hashes: dict[str, str], t0: float) 
         },
     }
     if cfg.permute:
+        pairs = run.arch.permutable + run.arch.permutable_heads
+        present = {b[1] for b in map(run.arch.block_of, reader.infos) if b is not None}
         report["permuted"] = {
-            "inputs_of": [c for c, _ in run.arch.permutable + run.arch.permutable_heads],
-            "outputs_of": sorted({t for _, ps in run.arch.permutable + run.arch.permutable_heads for t in ps}),
+            "inputs_of": [c for c, _ in pairs if c in present],
+            "outputs_of": sorted({t for _, ps in pairs for t in ps if t in present}),
             "how": "per block, input channels reordered (RIA's channel permutation) to choose the N:M groups, "
                    "and their producers' output channels the same way (value heads: within each head, for "
                    "every query head that reads it): the same function, N:M in storage order"}

@@ -91,6 +91,7 @@ def test_permuted_export_is_2of4_in_storage_and_the_same_function(tiny_llama, ca
     run(src, PruneConfig(method=method, sparsity=TWO_FOUR), calib, tmp_path / "plain")
     report = run(src, PruneConfig(method=method, sparsity=TWO_FOUR, permute=True), calib, tmp_path / "perm", fmt="packed24")
     assert report["permuted"]["inputs_of"] == ["mlp.down_proj.weight", "self_attn.o_proj.weight"]
+    assert report["permuted"]["outputs_of"] == ["mlp.gate_proj.weight", "mlp.up_proj.weight", "self_attn.v_proj.weight"]
     assert main(["verify", str(tmp_path / "perm"), "--quiet"]) == 0
     from llm_prune import load
 
