@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK = 1 << 24  # elements of the [rows, groups, groups] gain tensor built at once (64 MiB fp32)
-
-
 def kept_score(scores: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
     """Score an N:M mask keeps, [out, in] scores, the input channels taken in ``perm``'s order."""
     s = scores if perm is None else scores[:, perm]
@@ -56,6 +53,8 @@ def refine(s: torch.Tensor, perm: torch.Tensor, n: int, m: int, rounds: int) -> 
     held: the best assignment is at least the current one, so the kept score never drops."""
     from scipy.optimize import linear_sum_assignment
 
+    from .kernels.permute import gain_table
+
     perm = perm.clone()
     rows, groups = s.shape[0], s.shape[1] // m
     for _ in range(rounds):
@@ -67,7 +66,7 @@ def refine(s: torch.Tensor, perm: torch.Tensor, n: int, m: int, rounds: int) -> 
             base, nth = top.sum(2), top[:, :, n - 1]
             cand = S[:, :, k]  # candidate c is the channel now in slot k of group c
             # gain[c, g]: what group g keeps with candidate c in slot k = base + max(0, cand - nth)
-            gain = base.sum(0, dtype=torch.float64).unsqueeze(0) + _excess(cand, nth)
+            gain = base.sum(0, dtype=torch.float64).unsqueeze(0) + gain_table(cand, nth).to(torch.float64)
             rows_c, cols_g = linear_sum_assignment(gain.numpy(), maximize=True)
             slot = g[:, k].clone()
             g[torch.as_tensor(cols_g), k] = slot[torch.as_tensor(rows_c)]
@@ -89,23 +88,6 @@ def head_permutation(scores: torch.Tensor, n: int, m: int, heads: int, kv_heads:
         for h in reading:
             into[h * hd:(h + 1) * hd] = h * hd + order
     return into, out
-
-
-def _excess(cand: torch.Tensor, nth: torch.Tensor) -> torch.Tensor:
-    """[c, g] = Σ_rows max(0, cand[:, c] - nth[:, g]): compiled when numba is there, else in torch
-    chunks of a [rows, groups, groups] tensor."""
-    try:
-        from .kernels.permute import gain_table
-    except ImportError:
-        pass
-    else:
-        return gain_table(cand, nth).to(torch.float64)
-    groups = cand.shape[1]
-    out = torch.zeros(groups, groups, dtype=torch.float64)
-    step = max(1, _CHUNK // (groups * groups))
-    for r in range(0, cand.shape[0], step):
-        out += (cand[r:r + step, :, None] - nth[r:r + step, None, :]).clamp_min_(0).sum(0, dtype=torch.float64)
-    return out
 
 
 def permute_inputs(tensors: dict[str, torch.Tensor], consumer: str, producers: list[str], perm: torch.Tensor,

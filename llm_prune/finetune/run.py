@@ -119,13 +119,17 @@ def dense_run(src: Path, task: Task, cfg: FinetuneConfig, seed: int, progress: b
 
 
 def _save_dense_state(path: Path, model) -> None:
+    save_state(path.with_suffix(".safetensors"), model)
+
+
+def save_state(path: Path, model) -> None:
+    """``model``'s state dict as a safetensors file at ``path``, written whole or not at all."""
     from safetensors.torch import save_file
 
-    weights = path.with_suffix(".safetensors")
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tmp)  # clones: no shared storage
-    os.replace(tmp, weights)
+    os.replace(tmp, path)
 
 
 def dense_weights(path: Path):

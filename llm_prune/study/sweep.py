@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -190,13 +189,9 @@ def _saved_ticket(out: Output, before: dict, seed: int) -> tuple[float, dict, di
 
 
 def _save_ticket(out: Output, level: Sparsity, seed: int, model) -> None:
-    from safetensors.torch import save_file
+    from ..finetune.run import save_state
 
-    path = out / "tickets" / level.label / f"seed{seed}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tmp)  # clones: no shared storage
-    os.replace(tmp, path)
+    save_state(out / "tickets" / level.label / f"seed{seed}.safetensors", model)
 
 
 def _eval_key(settings, data: str) -> dict:
