@@ -20,7 +20,10 @@ so the sparsity over all targets is the requested one exactly, to the weight. Si
 blocks' target weight counts, so the mean is over weights, not blocks (the same thing for the
 equal blocks of a LLaMA). OWL's reference code only shifts its [0, 2λ] spread to the mean,
 which leaves the band whenever the spread is lopsided; here the band holds, and the spread is
-re-balanced inside it (the same numbers whenever OWL's own stay inside).
+re-balanced inside it (the same numbers whenever OWL's own stay inside). ``clip=False``
+(``--allocation-unclipped``) reproduces the reference's shift instead, for comparisons with tools
+that use it: the band then only sets the spread's width, and each block is held inside [0, 1)
+alone (clipped there, if a shift leaves it, by the same balancing).
 """
 
 from __future__ import annotations
@@ -57,15 +60,17 @@ class Shares:
     def sparsity(self, name: str) -> Sparsity:
         return Sparsity.of_count(self.counts[name], self.numels[name])
 
+    clipped: bool = True
+
     def to_state(self) -> dict:
         """What a resumed run needs to prune the remaining blocks the same way (progress.jsonl)."""
         return {"kind": self.kind, "band": self.band, "metric": {str(b): v for b, v in self.metric.items()},
-                "counts": self.counts}
+                "counts": self.counts, **({"clipped": False} if not self.clipped else {})}
 
     @staticmethod
     def from_state(state: dict, blocks: dict[int, list[str]], numels: dict[str, int]) -> "Shares":
         return Shares(state["kind"], state["band"], {int(b): v for b, v in state["metric"].items()}, blocks,
-                      numels, {n: int(c) for n, c in state["counts"].items()})
+                      numels, {n: int(c) for n, c in state["counts"].items()}, state.get("clipped", True))
 
     def report(self, per_tensor: dict[str, list[int]], owl_m: float | None = None) -> dict:
         """``sparsity.json``'s ``allocation``: per block its metric, planned and achieved sparsity."""
@@ -76,7 +81,7 @@ class Shares:
             rows[str(b)] = {"params": n, METRIC_NAME[self.kind]: self.metric[b],
                             "planned": sum(self.counts[x] for x in names) / n, "sparsity": zeros / n}
         out = {"name": self.kind, "band": self.band, "metric": METRIC_NAME[self.kind], "blocks": rows}
-        return out | ({"owl_m": owl_m} if owl_m is not None else {})
+        return out | ({"owl_m": owl_m} if owl_m is not None else {}) | ({"clipped": False} if not self.clipped else {})
 
 
 def allocate(cfg: PruneConfig, metric: dict[int, float], blocks: dict[int, list[str]],
@@ -86,11 +91,13 @@ def allocate(cfg: PruneConfig, metric: dict[int, float], blocks: dict[int, list[
     order = sorted(blocks)
     sizes = [sum(numels[n] for n in blocks[b]) for b in order]
     raw = spread([metric[b] for b in order], band, HIGHER_PRUNES_MORE[cfg.allocation])
-    per_block = block_counts(balance(raw, sizes, s, band), sizes, s, band)
+    edges = band_edges(s, band) if cfg.clip else (0.0, 1.0)
+    per_block = block_counts(balance(raw, sizes, s, edges), sizes, s, edges, band)
     counts = {}
     for b, c in zip(order, per_block):
         counts |= dict(zip(blocks[b], matrix_counts(c, [numels[n] for n in blocks[b]])))
-    return Shares(cfg.allocation, band, {b: metric[b] for b in order}, {b: blocks[b] for b in order}, numels, counts)
+    return Shares(cfg.allocation, band, {b: metric[b] for b in order}, {b: blocks[b] for b in order}, numels, counts,
+                  cfg.clip)
 
 
 def spread(metric: list[float], band: float, higher_prunes_more: bool) -> list[float]:
@@ -107,12 +114,13 @@ def band_edges(s: float, band: float) -> tuple[float, float]:
     return max(0.0, s - band), min(1.0, s + band)
 
 
-def balance(raw: list[float], sizes: list[int], s: float, band: float) -> list[float]:
-    """``raw`` + t, clipped to the band, with the one shift t that makes the weighted mean s.
+def balance(raw: list[float], sizes: list[int], s: float, edges: tuple[float, float]) -> list[float]:
+    """``raw`` + t, clipped to ``edges`` (the band's, or [0, 1]), with the one shift t that makes the
+    weighted mean s.
 
-    Σ n_b clip(raw_b + t) grows continuously with t from (s-λ)N to (s+λ)N, so t exists; without
+    Σ n_b clip(raw_b + t) grows continuously with t from lo N to hi N, so t exists; without
     clipping it is s minus raw's weighted mean (OWL's shift), otherwise bisection finds it."""
-    lo, hi = band_edges(s, band)
+    lo, hi = edges
     total = sum(sizes)
     clip = lambda t: [min(hi, max(lo, r + t)) for r in raw]  # noqa: E731
     mean = lambda t: sum(n * v for n, v in zip(sizes, clip(t))) / total  # noqa: E731
@@ -126,10 +134,11 @@ def balance(raw: list[float], sizes: list[int], s: float, band: float) -> list[f
     return clip((a + b) / 2)
 
 
-def block_counts(sparsities: list[float], sizes: list[int], s: float, band: float) -> list[int]:
-    """Whole prune counts per block: Σ = round(s N) exactly, each block's inside the band's edges
-    rounded outward (and below its size), closest to ``sparsities`` by largest remainder."""
-    lo_s, hi_s = band_edges(s, band)
+def block_counts(sparsities: list[float], sizes: list[int], s: float, edges: tuple[float, float],
+                 band: float) -> list[int]:
+    """Whole prune counts per block: Σ = round(s N) exactly, each block's inside ``edges`` rounded
+    outward (and below its size), closest to ``sparsities`` by largest remainder."""
+    lo_s, hi_s = edges
     total = prune_count(sum(sizes), s)
     lo = [math.floor(lo_s * n) for n in sizes]
     hi = [min(math.ceil(hi_s * n), n - 1) for n in sizes]

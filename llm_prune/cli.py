@@ -118,12 +118,17 @@ def add_allocation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation-band", type=float, metavar="LAMBDA",
                    help=f"owl/alpha: every block's sparsity stays within ±LAMBDA of the requested one "
                         f"(default: {bands})")
+    p.add_argument("--allocation-unclipped", action="store_true",
+                   help="owl/alpha: shift the spread of sparsities to the requested mean as OWL's reference code "
+                        "does, without clipping blocks to the band (a lopsided spread then leaves ±LAMBDA); "
+                        "for comparing with other tools' OWL")
     p.add_argument("--owl-m", type=float, default=5.0, metavar="M",
                    help="owl: a score above M × its block's mean is an outlier (default 5, as the paper)")
 
 
 def allocation_kwargs(args: argparse.Namespace) -> dict:
-    return {"allocation": args.allocation, "band": args.allocation_band, "owl_m": args.owl_m}
+    return {"allocation": args.allocation, "band": args.allocation_band, "owl_m": args.owl_m,
+            "clip": not args.allocation_unclipped}
 
 
 def default_out(model: str, cfg) -> Path:
@@ -244,7 +249,7 @@ def _prune(args: argparse.Namespace) -> int:
         model = from_pretrained(src, method=cfg.method, sparsity=None if cfg.sparsity.is_nm else cfg.sparsity.ratio,
                                 pattern=f"{cfg.sparsity.n}:{cfg.sparsity.m}" if cfg.sparsity.is_nm else None,
                                 scope=cfg.scope, targets=cfg.targets, exclude=cfg.exclude,
-                                allocation=cfg.allocation, allocation_band=cfg.band,
+                                allocation=cfg.allocation, allocation_band=cfg.band, allocation_clip=cfg.clip,
                                 allow_pickle=args.allow_pickle, progress=progress, **_placement(settings))
         return _evaluate(src, _runtime(model, args), tasks, settings, out, args, label=f"{cfg.method} {cfg.sparsity}")
 

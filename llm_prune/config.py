@@ -104,6 +104,7 @@ class PruneConfig:
     allocation: str = "uniform"
     band: float | None = None  # None: the allocation's default (``allocation.DEFAULT_BAND``)
     owl_m: float = 5.0  # OWL's M: an outlier scores above M x its block's mean (the paper's LLaMA setting)
+    clip: bool = True  # False: OWL's reference shift, which may leave the band (``allocation.balance``)
     permute: bool = False  # N:M: choose groups after permuting input channels the checkpoint can absorb
 
     def __post_init__(self):
@@ -118,6 +119,9 @@ class PruneConfig:
         if self.allocation == "uniform":
             if self.band is not None:
                 raise UserError("--allocation-band sets how far blocks may differ; give it with --allocation owl or alpha")
+            if not self.clip:
+                raise UserError("--allocation-unclipped changes how owl/alpha shares are shifted; give it with "
+                                "--allocation owl or alpha")
             return
         if self.scope == "global":
             raise UserError(f"--allocation {self.allocation} does not apply to --scope global: one magnitude "
@@ -145,6 +149,8 @@ class PruneConfig:
         # reports and caches stay what they were.
         if not self.permute:  # runs without it keep the keys they had before it existed
             del d["permute"]
+        if self.allocation == "uniform" or self.clip:  # clipped runs keep the keys they had before the option
+            del d["clip"]
         if self.allocation == "uniform":
             del d["allocation"], d["band"], d["owl_m"]
         else:

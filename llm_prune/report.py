@@ -119,7 +119,8 @@ def _allocation_table(alloc: dict) -> list[str]:
     metric = alloc["metric"]
     rows = [[f"block {b}", f"{v['params']:,}", f"{v[metric]:.4g}", f"{v['sparsity']:.4f}"]
             for b, v in sorted(alloc["blocks"].items(), key=lambda kv: int(kv[0]))]
-    return [f"allocation {alloc['name']} (band ±{alloc['band']:g}):",
+    band = f"spread 2×{alloc['band']:g}, unclipped" if alloc.get("clipped") is False else f"band ±{alloc['band']:g}"
+    return [f"allocation {alloc['name']} ({band}):",
             table(rows, ["block", "params", metric, "sparsity"])]
 
 

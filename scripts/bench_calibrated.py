@@ -4,6 +4,10 @@
     python scripts/bench_calibrated.py speed7b --nsamples 4 --seqlen 512
     python scripts/bench_calibrated.py compare --nsamples 8 --seqlen 512 --json benchmarks/calibrated-vs-llmc.json
     python scripts/bench_calibrated.py compare --patterns 0.5 0.6 0.7 --allocation owl --json benchmarks/owl-vs-llmc.json
+    python scripts/bench_calibrated.py compare --patterns 0.5 0.6 0.7 --allocation owl-unclipped --tools llm-prune
+
+``--allocation owl-unclipped`` gives ours ``--allocation-unclipped`` (OWL's reference shift, which
+may leave the band, as llm-compressor's OWL does); llm-compressor runs its OWL either way.
 
 ``quality`` prunes SmolLM2-135M (the embedded model) with omp, wanda and sparsegpt at 50%, 4:8
 and 2:4, calibrating on the embedded Wikipedia passages (calib split), each run in its own
@@ -51,8 +55,9 @@ def run_pruning(src: Path, method: str, pattern: str, out: Path, calib, fmt: str
     from llm_prune.pipeline import prune_checkpoint
 
     ratio, nm = split_pattern(pattern)
-    owl = {"band": OWL_LAMBDA, "owl_m": OWL_M} if allocation == "owl" else {}
-    cfg = PruneConfig(method=method, sparsity=Sparsity.parse(ratio, nm), allocation=allocation, **owl)
+    owl = ({"allocation": "owl", "band": OWL_LAMBDA, "owl_m": OWL_M, "clip": allocation == "owl"}
+           if allocation.startswith("owl") else {})
+    cfg = PruneConfig(method=method, sparsity=Sparsity.parse(ratio, nm), **owl)
     return prune_checkpoint(src, cfg, out, fmt=fmt, calib=calib, overwrite=True, progress=False)
 
 
@@ -236,7 +241,7 @@ def cmd_llmc(args) -> None:
             else WandaPruningModifier)
     model = AutoModelForCausalLM.from_pretrained(saved["src"], dtype=torch.float32)
     t0 = time.perf_counter()
-    if args.allocation == "owl":
+    if args.allocation.startswith("owl"):  # its OWL has one way, the reference's shift
         common.update(_llmc_owl_sparsities(model, make, common["sparsity"], windows))
     modifier = make(**common)
     oneshot(model=model, dataset=data, recipe=[modifier], num_calibration_samples=windows.shape[0],
@@ -349,7 +354,8 @@ def cmd_compare(args) -> None:
                 "settings": "layer scope, every Linear in the blocks (lm_head and embeddings kept), damp 0.01, "
                             "blocksize 128" + ("; llm-prune --true-sequential" if args.true_sequential else "")
                             + (f"; OWL allocation, lambda {OWL_LAMBDA}, M {OWL_M} (llm-compressor: sparsity_profile="
-                               "'owl', owl_lmbda, owl_m)" if args.allocation == "owl" else ""),
+                               "'owl', owl_lmbda, owl_m)" if args.allocation.startswith("owl") else "")
+                            + ("; llm-prune --allocation-unclipped" if args.allocation == "owl-unclipped" else ""),
                 "threads": args.threads}
     result = {"protocol": protocol, "rows": rows}
     if args.json:
@@ -406,8 +412,9 @@ def main() -> None:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--threads", type=int, default=2)
         s.add_argument("--work", default="/tmp/bench_calibrated")
-        s.add_argument("--allocation", default="uniform", choices=["uniform", "owl"],
-                       help=f"owl: both tools with OWL's layer-wise sparsity (lambda {OWL_LAMBDA}, M {OWL_M})")
+        s.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "owl-unclipped"],
+                       help=f"owl: both tools with OWL's layer-wise sparsity (lambda {OWL_LAMBDA}, M {OWL_M}); "
+                            "owl-unclipped: ours with --allocation-unclipped")
     q = sub.choices["quality"]
     q.add_argument("--methods", nargs="+", default=["omp", "wanda", "sparsegpt"])
     q.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"])

@@ -80,6 +80,48 @@ def test_lopsided_spread_stays_in_the_band():
     assert [shares.counts[f"w{b}"] for b in range(4)] == [120, 160, 160, 160]
 
 
+def test_unclipped_is_owls_plain_shift():
+    """The same lopsided spread with --allocation-unclipped: raw sparsities (0, .2, .2, .2) shifted
+    by t = 0.5 - 0.15 = 0.35 to (0.35, 0.55, 0.55, 0.55), as OWL's reference code: block 0 leaves
+    the band (0.35 < 0.4) and the mean is still exactly 0.5."""
+    cfg = PruneConfig(sparsity=Sparsity(0.5), allocation="owl", band=0.1, clip=False)
+    blocks = {b: [f"w{b}"] for b in range(4)}
+    shares = A.allocate(cfg, {0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0}, blocks, {f"w{b}": 300 for b in range(4)})
+    assert [shares.counts[f"w{b}"] for b in range(4)] == [105, 165, 165, 165]
+    assert shares.report({})["clipped"] is False and "clipped" not in A.allocate(
+        PruneConfig(sparsity=Sparsity(0.5), allocation="owl", band=0.1), {0: 1.0, 1: 0.0}, {0: ["a"], 1: ["b"]},
+        {"a": 10, "b": 10}).report({})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10, allow_nan=False), st.integers(1, 5000)), min_size=1, max_size=12),
+       st.floats(0, 0.95), st.floats(0, 0.5))
+def test_unclipped_shares_are_exact_and_keep_a_weight(blocks, s, band):
+    """Unclipped: still exact to the weight, every block in [0, 1) (a shift past 0 or 1 is clipped
+    there and re-balanced), and the plain shift itself whenever it stays inside [0, 1]."""
+    names = {b: [f"w{b}"] for b in range(len(blocks))}
+    numels = {f"w{b}": n for b, (_, n) in enumerate(blocks)}
+    metric = {b: m for b, (m, _) in enumerate(blocks)}
+    total = sum(numels.values())
+    if prune_count(total, s) > sum(n - 1 for n in numels.values()):
+        return  # cannot leave every block a weight at all: refused, as clipped
+    cfg = PruneConfig(sparsity=Sparsity(s), allocation="owl", band=band, clip=False)
+    shares = A.allocate(cfg, metric, names, numels)
+    assert sum(shares.counts.values()) == prune_count(total, s)
+    assert all(0 <= shares.counts[f"w{b}"] < n for b, (_, n) in enumerate(blocks))
+    raw = A.spread([metric[b] for b in range(len(blocks))], band, False)
+    t = s - sum(n * r for (_, n), r in zip(blocks, raw)) / total
+    if all(0 <= r + t <= 1 for r in raw):
+        assert all(abs(shares.counts[f"w{b}"] - (r + t) * n) <= 1 for b, ((_, n), r) in enumerate(zip(blocks, raw)))
+
+
+def test_unclipped_needs_an_allocation():
+    with pytest.raises(A.UserError, match="--allocation-unclipped .* give it with --allocation owl or alpha"):
+        PruneConfig(clip=False)
+    assert PruneConfig(allocation="owl", clip=False).to_json()["clip"] is False
+    assert "clip" not in PruneConfig(allocation="owl").to_json()  # clipped runs keep their resume keys
+
+
 # -- the metrics ----------------------------------------------------------------------------------------
 def test_outlier_ratio_by_hand():
     """Inputs with norms ||x|| = 1, 1, 1, 10 (the last feature an outlier channel):
@@ -219,6 +261,26 @@ def test_sweep_takes_an_allocation(tiny_llama, tmp_path, monkeypatch, capsys):
     total = 27648  # the tiny llama's targets
     assert [lv["achieved"] for lv in sweep["levels"]] == [prune_count(total, 0.3) / total, prune_count(total, 0.6) / total]
     assert "allocation alpha ±0.2" in capsys.readouterr().out
+
+
+def test_unclipped_plumbing(tiny_llama, tmp_path, monkeypatch, capsys):
+    """--allocation-unclipped reaches the export (sparsity.json, closing table) and the sweep, whose
+    alpha levels are pruned while loading: each level's zeros are the export's."""
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    add_tokenizer(tiny_llama)
+    common = ["--allocation", "alpha", "--allocation-band", "0.15", "--allocation-unclipped", "--quiet"]
+    assert main([str(tiny_llama), "--sparsity", "0.5", *common, "--out", str(tmp_path / "x")]) == 0
+    report, blocks = _blocks(tmp_path / "x")
+    assert report["allocation"]["clipped"] is False
+    assert min(blocks.values()) < 0.5 - 0.15 - 1e-3  # the tiny llama's spread is lopsided: one block leaves the band
+    zeros, total = _zeros(tmp_path / "x")
+    assert zeros == prune_count(total, 0.5)
+    assert "(spread 2×0.15, unclipped)" in capsys.readouterr().out
+    assert main(["sweep", str(tiny_llama), "--sparsities", "0.5", *common, "--eval", "ppl", "--eval-seqlen", "16",
+                 "--eval-ppl-windows", "2", "--eval-data", "local", "--out", str(tmp_path / "sw")]) == 0
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert sweep["allocation"] == {"name": "alpha", "band": 0.15, "clipped": False}
+    assert "allocation alpha ±0.15 unclipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,match", [

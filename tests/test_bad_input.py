@@ -132,6 +132,8 @@ CASES = [
          "which omp never reads (use --allocation alpha"),
     Case("band without allocation", prune("--sparsity", "0.5", "--allocation-band", "0.1"),
          "give it with --allocation owl or alpha"),
+    Case("unclipped without allocation", prune("--sparsity", "0.5", "--allocation-unclipped"),
+         "--allocation-unclipped changes how owl/alpha shares are shifted"),
     Case("band out of range", prune("--sparsity", "0.5", "--allocation", "alpha", "--allocation-band", "1.5"),
          "--allocation-band must be in [0, 1)"),
     Case("owl M not positive", prune("--sparsity", "0.5", "--method", "wanda", "--allocation", "owl", "--owl-m", "0"),

@@ -42,21 +42,23 @@ def from_pretrained(name_or_path: str | os.PathLike, method: str = "omp", sparsi
                     pattern: str | None = None, scope: str = "layer", targets=DEFAULT_TARGETS, exclude=(),
                     dtype=None, device_map=None, *, max_memory: dict | None = None,
                     offload_folder: str | os.PathLike | None = None, allow_pickle: bool = False,
-                    progress: bool = True, allocation: str = "uniform", allocation_band: float | None = None):
+                    progress: bool = True, allocation: str = "uniform", allocation_band: float | None = None,
+                    allocation_clip: bool = True):
     """A transformers model whose targeted weights were pruned as they were read.
 
     Same pruning settings as ``prune_checkpoint`` (and ``llm-prune``), and the same weights bit
     for bit as exporting and loading the export; ``dtype``/``device_map``/``max_memory``/
     ``offload_folder`` mean what they mean to transformers' ``from_pretrained``. ``allocation``
     is ``uniform`` or ``alpha`` (data-free; ``owl`` needs calibration activations, which a load
-    cannot run), with ``allocation_band`` as ``--allocation-band``.
+    cannot run), with ``allocation_band`` as ``--allocation-band`` and ``allocation_clip=False`` as
+    ``--allocation-unclipped``.
     """
     if sparsity is None and pattern is None:
         raise UserError("give sparsity= (a fraction in [0, 1)) or pattern='N:M'; llm_prune.load() loads without pruning")
     cfg = PruneConfig(method=method, sparsity=Sparsity.parse(sparsity, pattern), scope=scope,
                       targets=tuple([targets] if isinstance(targets, str) else targets),
                       exclude=tuple([exclude] if isinstance(exclude, str) else exclude),
-                      allocation=allocation, band=allocation_band)
+                      allocation=allocation, band=allocation_band, clip=allocation_clip)
     pruner = get_method(cfg.method)
     if pruner.needs_calibration:
         raise UserError(f"method {cfg.method!r} needs calibration data, which loading cannot run; "

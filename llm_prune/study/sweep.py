@@ -55,6 +55,7 @@ class SweepConfig:
     allocation: str = "uniform"  # as PruneConfig's: every level shared out between blocks the same way
     band: float | None = None
     owl_m: float = 5.0
+    clip: bool = True
     permute: bool = False  # N:M levels: PruneConfig's --permute
 
     def __post_init__(self):
@@ -67,7 +68,7 @@ class SweepConfig:
 
     def prune_config(self, level: Sparsity) -> PruneConfig:
         return PruneConfig(self.method, level, self.scope, self.targets, self.exclude, self.allocation, self.band,
-                           self.owl_m, self.permute)
+                           self.owl_m, self.clip, self.permute)
 
     def key(self) -> dict:
         """What a resumed sweep must share with the levels it finds (the levels themselves may differ)."""
@@ -75,6 +76,8 @@ class SweepConfig:
         del d["levels"], d["save_masks"], d["epsilon_points"], d["ppl_epsilon"]
         if not self.permute:
             del d["permute"]
+        if self.allocation == "uniform" or self.clip:  # the keys of sweeps made before the option
+            del d["clip"]
         if self.allocation == "uniform":  # the keys of sweeps made before allocations existed
             del d["allocation"], d["band"], d["owl_m"]
         return d
@@ -263,7 +266,8 @@ def _levels_exported(src, cfg: SweepConfig, todo, settings, out: Output, calib, 
 def _prune_kwargs(cfg: SweepConfig, level: Sparsity) -> dict:
     nm = f"{level.n}:{level.m}" if level.is_nm else None
     return dict(method=cfg.method, sparsity=None if nm else level.ratio, pattern=nm, scope=cfg.scope,
-                targets=cfg.targets, exclude=cfg.exclude, allocation=cfg.allocation, allocation_band=cfg.band)
+                targets=cfg.targets, exclude=cfg.exclude, allocation=cfg.allocation, allocation_band=cfg.band,
+                allocation_clip=cfg.clip)
 
 
 def _placement(settings) -> dict:
@@ -378,13 +382,14 @@ def summarize(cfg: SweepConfig, records: list[dict], dense: dict, source_name: s
 
 def _allocation_json(cfg: SweepConfig) -> dict:
     d = cfg.prune_config(next(lv for lv in cfg.levels)).to_json()
-    return {"name": cfg.allocation, "band": d["band"], **({"owl_m": d["owl_m"]} if "owl_m" in d else {})}
+    return {"name": cfg.allocation, "band": d["band"], **({"owl_m": d["owl_m"]} if "owl_m" in d else {}),
+            **({"clipped": False} if not cfg.clip else {})}
 
 
 def allocation_label(payload: dict) -> str:
     """", allocation owl ±0.08" for a sweep shared out between blocks, else nothing."""
     a = payload.get("allocation")
-    return f", allocation {a['name']} ±{a['band']:g}" if a else ""
+    return f", allocation {a['name']} ±{a['band']:g}{' unclipped' if a.get('clipped') is False else ''}" if a else ""
 
 
 def _protocols(result: dict, finetune: dict | None) -> list[str]:
