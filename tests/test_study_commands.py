@@ -127,6 +127,10 @@ def test_sweep_resumes_and_extends_without_recomputing(smollm2_dir, tmp_path, ca
     assert len(calls) == 1  # only 0.6
     sweep = json.loads((out / "sweep.json").read_text())
     assert [lv["label"] for lv in sweep["levels"]] == ["0.2", "0.4", "0.6"]
+    from llm_prune.eval import api
+
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "empty-cache"))  # no dense baseline to read
+    monkeypatch.setattr(api, "evaluate_path", lambda *a, **k: pytest.fail("dense evaluated before the refusal"))
     code, _, err = run(capsys, "sweep", smollm2_dir, "--sparsities", "0.2", "--scope", "global", *PPL, "--out", out,
                        "--quiet", "--resume")
     assert code == 2 and "a sweep with other settings" in err

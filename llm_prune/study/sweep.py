@@ -97,7 +97,8 @@ def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None,
     else:
         make, dense, key = _evaluated(src, cfg, settings, calib, out, progress)
     key = json.loads(json.dumps(key))  # as it reads back from a level's file (tuples become lists)
-    done = _finished_levels(out, key)
+    done = _finished_levels(out, key)  # a partial sweep of other settings is refused before any dense work
+    dense = dense()
     todo = [lv for lv in cfg.levels if lv.label not in done]
     if todo:
         bar = tqdm(total=len(todo), desc=f"sweep {cfg.method}", unit="level", disable=not progress)
@@ -112,7 +113,7 @@ def run_sweep(src: Path, cfg: SweepConfig, settings, out: Output, *, calib=None,
 
 
 def _evaluated(src: Path, cfg: SweepConfig, settings, calib, out: Output, progress: bool):
-    """(level maker, dense results, resume key) for a sweep measured by evaluation."""
+    """(level maker, dense results when called, resume key) for a sweep measured by evaluation."""
     from ..eval.api import dense_results
     from ..eval.harness import check_tasks, resolve_data
 
@@ -124,11 +125,11 @@ def _evaluated(src: Path, cfg: SweepConfig, settings, calib, out: Output, progre
            "calibration": calib.to_json() if calib is not None and method.needs_calibration else None}
     levels = _levels_exported if method.needs_calibration else _levels_in_memory
     make = lambda todo: levels(src, cfg, todo, settings, out, calib, progress)  # noqa: E731
-    return make, dense_results(src, list(cfg.tasks), settings), key
+    return make, lambda: dense_results(src, list(cfg.tasks), settings), key
 
 
 def _finetuned(src: Path, cfg: SweepConfig, ft, out: Output, progress: bool):
-    """(level maker, dense results) for a sweep measured by fine-tuning each level on a task."""
+    """(level maker, dense results when called) for a sweep measured by fine-tuning each level on a task."""
     from dataclasses import replace
 
     from ..finetune.run import as_eval_result, dense_run, prepare_task, pruned_run
@@ -136,7 +137,7 @@ def _finetuned(src: Path, cfg: SweepConfig, ft, out: Output, progress: bool):
     for lv in cfg.levels:  # every level's settings checked before any work
         replace(ft, sparsity=lv)
     task = prepare_task(src, ft)
-    dense = as_eval_result([dense_run(src, task, ft, seed, progress) for seed in ft.seeds], task)
+    dense = lambda: as_eval_result([dense_run(src, task, ft, seed, progress) for seed in ft.seeds], task)  # noqa: E731
 
     chain = ft.method == "lth"  # one chain of rounds through the levels, every level a point on it
 
