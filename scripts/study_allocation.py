@@ -3,11 +3,13 @@
     python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation
     python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation --only wanda-owl-s0
     python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation --tables-only
+    python scripts/study_allocation.py --work /work/runs/allocation-ppl --report reports/allocation --eval ppl --ppl-windows 24
 
 Every cell is a plain ``llm-prune sweep`` with ``--resume`` (rerunning continues where it stopped):
 - OMP, Wanda, SparseGPT and RIA at 50%, 60% and 70% unstructured, each with ``--allocation``
   uniform, owl (calibrated methods only: OWL reads activations) and alpha;
-- the same four at 2:4, where allocation cannot apply (every group of four keeps two);
+- the same four at 2:4, where allocation cannot apply (every group of four keeps two), and Wanda
+  and RIA at 2:4 with ``--permute`` (RIA's channel permutation: what helps N:M instead);
 - calibrated methods over calibration seeds 0, 1, 2 (``--seed``); OMP reads no data, one run.
 Metrics: held-out perplexity (the embedded passages' held-out split) and ARC-Easy at ``--limit``
 examples. ``--tables-only`` reads the finished sweeps and writes ``allocation.md`` and
@@ -24,6 +26,8 @@ import sys
 from pathlib import Path
 
 METHODS = ["omp", "wanda", "sparsegpt", "ria"]
+PERMUTABLE = ["wanda", "ria"]  # --permute: score-based N:M methods
+NO_ALLOCATION = {"2of4": "n/a (2:4)", "2of4perm": "n/a (2:4, --permute)"}
 LEVELS = "0.5,0.6,0.7"
 
 
@@ -39,6 +43,10 @@ def plan(seeds: list[int], levels: str = LEVELS) -> dict[str, list[str]]:
         for seed in seeds if calibrated else [0]:
             cells[f"{method}-2of4-s{seed}"] = ["--method", method, "--pattern", "2:4",
                                                *(["--seed", str(seed)] if calibrated else [])]
+        if method in PERMUTABLE:
+            for seed in seeds:
+                cells[f"{method}-2of4perm-s{seed}"] = ["--method", method, "--pattern", "2:4", "--permute",
+                                                       "--seed", str(seed)]
     return cells
 
 
@@ -62,7 +70,7 @@ def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
         method, alloc, _ = name.rsplit("-", 2)
         for curve, c in sweep["curves"].items():
             for level, value in zip(sweep["levels"], c["values"]):
-                key = (method, "n/a (2:4)" if alloc == "2of4" else alloc, level["label"])
+                key = (method, NO_ALLOCATION.get(alloc, alloc), level["label"])
                 rows.setdefault(key, {}).setdefault(curve, []).append(value)
                 rows[key].setdefault(f"dense {curve}", [c["dense"]])
     out = {" | ".join(k): {m: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else None,
@@ -92,7 +100,7 @@ def _plots(rows: dict, metrics: list[str], report: Path) -> None:
         for metric in metrics:
             series = {}
             for (m, alloc, level), v in rows.items():
-                if m == method and metric in v and alloc != "n/a (2:4)":
+                if m == method and metric in v and alloc not in NO_ALLOCATION.values():
                     series.setdefault(alloc, {})[float(level)] = statistics.fmean(v[metric])
             levels = sorted({lv for s in series.values() for lv in s})
             if not series or not levels:
