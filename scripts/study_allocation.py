@@ -3,7 +3,8 @@
     python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation
     python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation --only wanda-owl-s0
     python scripts/study_allocation.py --work /work/runs/allocation --report reports/allocation --tables-only
-    python scripts/study_allocation.py --work /work/runs/allocation-ppl --report reports/allocation --eval ppl --ppl-windows 24
+    python scripts/study_allocation.py --work /work/runs/allocation-ppl --report reports/allocation --eval ppl \
+        --ppl-windows 24 --ppl-seqlen 512
 
 Every cell is a plain ``llm-prune sweep`` with ``--resume`` (rerunning continues where it stopped):
 - OMP, Wanda, SparseGPT and RIA at 50%, 60% and 70% unstructured, each with ``--allocation``
@@ -122,6 +123,8 @@ def main() -> int:
     p.add_argument("--only", nargs="+", help="cells to run (names as in study.log, e.g. wanda-owl-s0)")
     p.add_argument("--levels", default=LEVELS, help=f"unstructured levels (default {LEVELS})")
     p.add_argument("--ppl-windows", type=int, help="held-out perplexity windows (default: the sweep's)")
+    p.add_argument("--ppl-seqlen", type=int, help="held-out perplexity window length (default: the sweep's, "
+                                                   "min(2048, context))")
     p.add_argument("--tables-only", action="store_true", help="run nothing: tables and plots from the finished cells")
     args = p.parse_args()
     cells = plan([int(s) for s in args.seeds.split(",")], args.levels)
@@ -131,7 +134,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     common = ["--eval", args.eval, "--eval-limit", str(args.limit), "--nsamples", str(args.nsamples),
               "--seqlen", str(args.seqlen), "--resume", "--quiet",
-              *(["--eval-ppl-windows", str(args.ppl_windows)] if args.ppl_windows else [])]
+              *(["--eval-ppl-windows", str(args.ppl_windows)] if args.ppl_windows else []),
+              *(["--eval-seqlen", str(args.ppl_seqlen)] if args.ppl_seqlen else [])]
     if not args.tables_only:
         for name, cell_args in cells.items():
             if not args.only or name in args.only:
