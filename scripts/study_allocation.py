@@ -87,9 +87,37 @@ def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
         cell = lambda m: (f"{statistics.fmean(v[m]):.2f}" + (f" ± {statistics.stdev(v[m]):.2f}" if len(v[m]) > 1 else "")
                           if m in v else "")
         lines.append(f"| {method} | {alloc} | {level} | " + " | ".join(cell(m) for m in metrics) + " |")
+    for m in metrics:
+        lines += ["", *pivot(rows, m)]
     (report / "allocation.md").write_text("\n".join(lines) + "\n")
     _plots(rows, metrics, report)
     return out
+
+
+def pivot(rows: dict, metric: str) -> list[str]:
+    """One row per method and level, one column per allocation (2:4: plain and --permute), the
+    best of each row in bold: where allocation helps, and where it does not, at a glance."""
+    lower = "ppl" in metric
+    columns = ["uniform", "owl", "alpha", "--permute"]
+    table: dict[tuple, dict[str, list[float]]] = {}
+    for (method, alloc, level), v in rows.items():
+        if metric in v:
+            col = {"n/a (2:4)": "uniform", "n/a (2:4, --permute)": "--permute"}.get(alloc, alloc)
+            table.setdefault((method, "2:4" if alloc in NO_ALLOCATION.values() else level), {})[col] = v[metric]
+    lines = [f"{metric}: mean ± sd over seeds (n), best per row in bold ({'lower' if lower else 'higher'} is better); "
+             "2:4 rows: plain in the uniform column", "",
+             "| method | level | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"]
+    for (method, level), cols in sorted(table.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        means = {c: statistics.fmean(v) for c, v in cols.items()}
+        best = (min if lower else max)(means.values())
+        def fmt(c):
+            if c not in cols:
+                return ""
+            v = cols[c]
+            text = f"{means[c]:.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "") + f" ({len(v)})"
+            return f"**{text}**" if means[c] == best and len(cols) > 1 else text
+        lines.append(f"| {method} | {level} | " + " | ".join(fmt(c) for c in columns) + " |")
+    return lines
 
 
 def _plots(rows: dict, metrics: list[str], report: Path) -> None:
