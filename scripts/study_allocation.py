@@ -136,7 +136,9 @@ def _plots(rows: dict, metrics: list[str], report: Path) -> None:
                 continue
             lines_over_steps(report / f"{method}-{metric.replace('/', '-')}.png", levels,
                              {a: [s.get(lv, float("nan")) for lv in levels] for a, s in series.items()},
-                             metric, f"SmolLM2-135M, {method}: allocation against uniform", xlabel="sparsity")
+                             "held-out perplexity (log)" if "ppl" in metric else metric,
+                             f"SmolLM2-135M, {method}: allocation against uniform (mean over seeds)",
+                             xlabel="sparsity", logy="ppl" in metric)
 
 
 def main() -> int:

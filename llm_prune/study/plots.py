@@ -192,9 +192,10 @@ def histograms(path, panels: Sequence[tuple], xlabel: str, log_y: bool = True) -
 
 
 def lines_over_steps(path, steps: Sequence[float], series: Mapping[str, Sequence[float]], ylabel: str,
-                     title: str, marks: Sequence | None = None, xlabel: str = "step") -> Path:
+                     title: str, marks: Sequence | None = None, xlabel: str = "step", logy: bool = False) -> Path:
     """Lines over training steps (or any x: ``xlabel``, e.g. "sparsity"); ``marks`` are steps to flag
-    (a step, or (step, label)), drawn as red vertical lines, e.g. where the sparsity of a checkpoint jumps."""
+    (a step, or (step, label)), drawn as red vertical lines, e.g. where the sparsity of a checkpoint jumps.
+    ``logy``: a log y axis (perplexities that grow by orders of magnitude)."""
     fig = _new_figure((6.4, 4.0))
     ax = fig.add_subplot()
     for label, ys in series.items():
@@ -207,6 +208,8 @@ def lines_over_steps(path, steps: Sequence[float], series: Mapping[str, Sequence
                         textcoords="offset points", color="red", fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if series or marks:
