@@ -56,11 +56,10 @@ class Shares:
     blocks: dict[int, list[str]]  # block -> its target names
     numels: dict[str, int]
     counts: dict[str, int]
+    clipped: bool = True  # False: --allocation-unclipped
 
     def sparsity(self, name: str) -> Sparsity:
         return Sparsity.of_count(self.counts[name], self.numels[name])
-
-    clipped: bool = True
 
     def to_state(self) -> dict:
         """What a resumed run needs to prune the remaining blocks the same way (progress.jsonl)."""

@@ -29,6 +29,7 @@ from pathlib import Path
 METHODS = ["omp", "wanda", "sparsegpt", "ria"]
 PERMUTABLE = ["wanda", "ria"]  # --permute: score-based N:M methods
 NO_ALLOCATION = {"2of4": "n/a (2:4)", "2of4perm": "n/a (2:4, --permute)"}
+PIVOT_COLUMN = {NO_ALLOCATION["2of4"]: "uniform", NO_ALLOCATION["2of4perm"]: "--permute"}  # 2:4 rows of the pivot
 LEVELS = "0.5,0.6,0.7"
 
 
@@ -84,14 +85,17 @@ def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
     dense = {m: next((v[f"dense {m}"][0] for v in rows.values() if f"dense {m}" in v), None) for m in metrics}
     lines.append("| dense | | 0 | " + " | ".join(f"{d:.2f}" if d is not None else "" for d in dense.values()) + " |")
     for (method, alloc, level), v in sorted(rows.items()):
-        cell = lambda m: (f"{statistics.fmean(v[m]):.2f}" + (f" ± {statistics.stdev(v[m]):.2f}" if len(v[m]) > 1 else "")
-                          if m in v else "")
-        lines.append(f"| {method} | {alloc} | {level} | " + " | ".join(cell(m) for m in metrics) + " |")
+        lines.append(f"| {method} | {alloc} | {level} | " + " | ".join(mean_sd(v[m]) if m in v else "" for m in metrics)
+                     + " |")
     for m in metrics:
         lines += ["", *pivot(rows, m)]
     (report / "allocation.md").write_text("\n".join(lines) + "\n")
     _plots(rows, metrics, report)
     return out
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def pivot(rows: dict, metric: str) -> list[str]:
@@ -102,21 +106,16 @@ def pivot(rows: dict, metric: str) -> list[str]:
     table: dict[tuple, dict[str, list[float]]] = {}
     for (method, alloc, level), v in rows.items():
         if metric in v:
-            col = {"n/a (2:4)": "uniform", "n/a (2:4, --permute)": "--permute"}.get(alloc, alloc)
-            table.setdefault((method, "2:4" if alloc in NO_ALLOCATION.values() else level), {})[col] = v[metric]
+            table.setdefault((method, "2:4" if alloc in PIVOT_COLUMN else level), {})[PIVOT_COLUMN.get(alloc, alloc)] = v[metric]
     lines = [f"{metric}: mean ± sd over seeds (n), best per row in bold ({'lower' if lower else 'higher'} is better); "
              "2:4 rows: plain in the uniform column", "",
              "| method | level | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"]
     for (method, level), cols in sorted(table.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
         means = {c: statistics.fmean(v) for c, v in cols.items()}
         best = (min if lower else max)(means.values())
-        def fmt(c):
-            if c not in cols:
-                return ""
-            v = cols[c]
-            text = f"{means[c]:.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "") + f" ({len(v)})"
-            return f"**{text}**" if means[c] == best and len(cols) > 1 else text
-        lines.append(f"| {method} | {level} | " + " | ".join(fmt(c) for c in columns) + " |")
+        text = {c: f"{mean_sd(v)} ({len(v)})" for c, v in cols.items()}
+        bold = {c: f"**{t}**" if means[c] == best and len(cols) > 1 else t for c, t in text.items()}
+        lines.append(f"| {method} | {level} | " + " | ".join(bold.get(c, "") for c in columns) + " |")
     return lines
 
 
