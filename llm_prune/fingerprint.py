@@ -39,8 +39,19 @@ def file_sha256(path: Path) -> str:
 
 def _remember(digests: dict[str, str]) -> None:
     memo_path = cache_dir() / "hashes.json"
-    memo = {**_load(memo_path), **digests}  # re-read: another run may have added entries
-    atomic_write_text(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+    # Re-read: another run may have added entries. Entries of files that are gone or changed
+    # since are dropped, so the memo holds what exists (every load parses it).
+    memo = {k: v for k, v in _load(memo_path).items() if _current(k)}
+    atomic_write_text(memo_path, json.dumps({**memo, **digests}, indent=0, sort_keys=True))
+
+
+def _current(key: str) -> bool:
+    """Whether a memo key (real path|size|mtime_ns) still describes its file."""
+    path, _, _ = key.rpartition("|")[0].rpartition("|")
+    try:
+        return _memo_key(Path(path))[1] == key
+    except OSError:
+        return False
 
 
 def known_sha256(path: Path) -> str | None:
@@ -194,8 +205,21 @@ def checkpoint_fingerprint(file_hashes: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+_PARSED: dict[Path, tuple[tuple[int, int, int], dict]] = {}
+
+
 def _load(path: Path) -> dict:
+    """The memo (read-only), parsed once per process and again only when the file changes: a
+    warm load-time pruning asks for every shard's hash, and a memo of many checkpoints is
+    hundreds of kB of JSON."""
     try:
-        return json.loads(path.read_text())
+        st = path.stat()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = _PARSED.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        memo = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    _PARSED[path] = (stamp, memo)
+    return memo

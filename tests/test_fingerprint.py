@@ -104,3 +104,34 @@ def test_export_hashes_the_source_without_a_second_read(tmp_path, tiny_llama, mo
         recorded = json.loads((tmp_path / out / "sparsity.json").read_text())["source"]["files"]
         assert recorded == report["source"]["files"]
     assert all(known_sha256(tiny_llama / f) == _sha(tiny_llama / f) for f in files)
+
+
+def test_memo_is_parsed_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"first"), b.write_bytes(b"second")
+    fingerprint.file_sha256(a)
+    parses = []
+    real_loads = json.loads
+    monkeypatch.setattr(fingerprint.json, "loads", lambda s: parses.append(1) or real_loads(s))
+    for _ in range(3):
+        assert known_sha256(a) == _sha(a)
+    assert len(parses) == 1  # one parse, then the in-process copy
+    assert known_sha256(b) is None
+    fingerprint.file_sha256(b)  # rewrites the memo (unchanged since its parse: not parsed again)
+    assert known_sha256(b) == _sha(b) and known_sha256(a) == _sha(a)
+    assert len(parses) == 2  # the rewritten file, once
+    memo = tmp_path / "cache" / "hashes.json"  # another process adds an entry
+    memo.write_text(json.dumps({**real_loads(memo.read_text()), "x|1|2": "0" * 64}))
+    assert fingerprint._load(memo)["x|1|2"] == "0" * 64
+
+
+def test_memo_drops_entries_of_files_gone_or_changed(tmp_path):
+    a, b, c = (tmp_path / f"{n}.bin" for n in "abc")
+    for f in (a, b, c):
+        f.write_bytes(f.name.encode())
+    fingerprint.file_sha256(a), fingerprint.file_sha256(b)
+    b.unlink()
+    a.write_bytes(b"a, longer now")  # another size: another key
+    fingerprint.file_sha256(c)
+    memo = json.loads((tmp_path / "cache" / "hashes.json").read_text())
+    assert [k.rpartition("|")[0].rpartition("|")[0] for k in memo] == [os.path.realpath(c)]
