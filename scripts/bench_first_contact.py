@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/llm-prune-bench"))
     p.add_argument("--json", type=Path)
     p.add_argument("--cp", action="store_true", help="also time `cp -r` of the checkpoint after the two exports")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per size (first, cached, cp each), medians printed")
     args = p.parse_args()
     import os
 
@@ -50,31 +51,53 @@ def main() -> int:
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                         f"from bench_stream import make_synthetic; from pathlib import Path; "
                         f"make_synthetic(Path({str(ckpt)!r}), {n})"], check=True)
-        cache = Path(tempfile.mkdtemp(prefix="llm-prune-cache-"))
-        env = {**os.environ, "LLM_PRUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-        out = args.work / f"out-{n}"
-        row = {"blocks": n, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
+        for _ in range(args.repeat):
+            rows.append(_round(exe, ckpt, args.work / f"out-{n}", n, imports, args.cp))
+            _print(rows[-1], args.cp)
+        if args.repeat > 1:
+            _print(_medians([r for r in rows if r["blocks"] == n]), args.cp, "median")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _round(exe: list[str], ckpt: Path, out: Path, n: int, imports: float, cp: bool) -> dict:
+    """One round: the export with an empty llm-prune cache, again with the cache it left, then cp."""
+    import os
+
+    cache = Path(tempfile.mkdtemp(prefix="llm-prune-cache-"))
+    env = {**os.environ, "LLM_PRUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    row = {"blocks": n, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
+    try:
         for label in ("first", "cached"):
             shutil.rmtree(out, ignore_errors=True)
             row[f"{label}_s"], row[f"{label}_rss_mib"] = timed([*exe, str(ckpt), "--sparsity", "0.5", "--out", str(out),
                                                                 "--quiet"], env)
         row["first_over_cached_time"] = row["first_s"] / row["cached_s"]
-        if args.cp:  # the copy the export is measured against, right after (page cache as warm)
+        if cp:  # the copy the export is measured against, right after (page cache as warm)
             shutil.rmtree(out, ignore_errors=True)
             row["cp_s"], _ = timed(["cp", "-r", str(ckpt), str(out)], env)
             row["first_over_cp"], row["cached_over_cp"] = row["first_s"] / row["cp_s"], row["cached_s"] / row["cp_s"]
         row["first_rss_blocks_above_imports"] = (row["first_rss_mib"] - imports) / row["block_mib"]
-        rows.append(row)
+    finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-        print(f"{n} blocks: first {row['first_s']:.1f} s / {row['first_rss_mib']:.0f} MiB, cached {row['cached_s']:.1f} s / "
-              f"{row['cached_rss_mib']:.0f} MiB; first-contact peak {row['first_rss_blocks_above_imports']:.2f} blocks "
-              f"above the imports ({imports:.0f} MiB)"
-              + (f"; cp -r {row['cp_s']:.1f} s: first {row['first_over_cp']:.2f}x, cached {row['cached_over_cp']:.2f}x"
-                 if args.cp else ""), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    return row
+
+
+def _medians(rows: list[dict]) -> dict:
+    import statistics
+
+    return {**{k: statistics.median(r[k] for r in rows) for k in rows[0]}, "blocks": rows[0]["blocks"]}
+
+
+def _print(row: dict, cp: bool, label: str = "") -> None:
+    print(f"{row['blocks']} blocks{' ' + label if label else ''}: first {row['first_s']:.1f} s / "
+          f"{row['first_rss_mib']:.0f} MiB, cached {row['cached_s']:.1f} s / {row['cached_rss_mib']:.0f} MiB, "
+          f"first/cached {row['first_over_cached_time']:.2f}; first-contact peak "
+          f"{row['first_rss_blocks_above_imports']:.2f} blocks above the imports ({row['imports_mib']:.0f} MiB)"
+          + (f"; cp -r {row['cp_s']:.1f} s: first {row['first_over_cp']:.2f}x, cached {row['cached_over_cp']:.2f}x"
+             if cp else ""), flush=True)
 
 
 if __name__ == "__main__":
