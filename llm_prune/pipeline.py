@@ -213,17 +213,14 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
     arenas, in_flight = [Arena(), Arena()], None  # alternate: a write in flight holds the other
     if run.fmt != "dense" or reader.pickle:  # the units that go through an arena are encoded
         from .kernels.formats import encode_all  # numba: only the compressed formats need it
-    pruned = [t for t in todo if t not in copied]
-    with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="llm-prune-readahead") as ahead:
+    with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
         copies = [pool.submit(writer.write, u, file, reader.sources(u.names), {"stats": {}}) for file, u in copied]
         for _, u in copied:
             run.mark_read(u.names)
         try:
-            bar = tqdm(pruned, desc=f"{run.cfg.method} {run.cfg.sparsity}", unit="block", disable=not run.progress)
-            for i, (file, unit) in enumerate(bar):
-                for _, later in pruned[i + (i > 0):i + 2]:  # this unit (the first time) and the next one
-                    ahead.submit(reader.will_need, later.targets)
+            bar = tqdm([t for t in todo if t not in copied], desc=f"{run.cfg.method} {run.cfg.sparsity}", unit="block",
+                       disable=not run.progress)
+            for file, unit in bar:
                 run.mark_read(unit.names)  # read now by the pruning (targets) and the copies (the rest)
                 for f in copies:  # a copy that failed (a full disk) stops the run now, not at the end
                     if f.done() and f.exception() is not None:

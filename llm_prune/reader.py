@@ -222,29 +222,6 @@ class CheckpointReader:
         return {n: FileBytes(self.path / i.file, i.offset, i.nbytes, i.dtype, i.shape)
                 for n, i in ((n, self.infos[n]) for n in names)}
 
-    def will_need(self, names: list[str]) -> None:
-        """Ask the kernel to start reading the named tensors' bytes into the page cache
-        (``POSIX_FADV_WILLNEED``), and return: a streaming pass hints the next unit while it
-        prunes this one, so that a checkpoint larger than the page cache is read from the disk
-        beside the work instead of page fault by page fault. Blocks while the reads are queued:
-        call it from a thread of its own. A no-op for pickle checkpoints and where unsupported."""
-        if self.pickle or not hasattr(os, "posix_fadvise"):
-            return
-        by_file: dict[str, list[TensorInfo]] = {}
-        for n in names:
-            by_file.setdefault(self.infos[n].file, []).append(self.infos[n])
-        for file, infos in by_file.items():
-            try:
-                fd = os.open(self.path / file, os.O_RDONLY)
-            except OSError:
-                continue  # reported by the read itself
-            try:
-                for info in sorted(infos, key=lambda i: i.offset):
-                    if info.nbytes:
-                        os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-
     def read_fresh(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The named tensors one at a time, each in fresh memory the caller keeps (a loaded model).
 

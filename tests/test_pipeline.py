@@ -203,36 +203,3 @@ def test_gpt2_conv1d_nm_along_input_dim(tmp_path):
     # Conv1D stores [in, out]: every output's inputs form groups of 4 with at most 2 kept.
     assert all(is_nm(m.weight.t() != 0, 2, 4) for m in convs)
     assert not all(is_nm(m.weight != 0, 2, 4) for m in convs)
-
-
-def test_each_units_targets_are_read_ahead_before_they_are_pruned(tiny_llama, tmp_path, monkeypatch):
-    # The export hints the kernel (POSIX_FADV_WILLNEED) for each unit's targets (from a thread,
-    # when the unit before it starts); the hints cover exactly the targets' byte ranges.
-    import os
-
-    from llm_prune import pipeline
-    from llm_prune.reader import CheckpointReader
-
-    hinted, events = [], []
-    real_fadvise = os.posix_fadvise
-
-    def fadvise(fd, offset, length, advice):
-        hinted.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, length, advice))
-        return real_fadvise(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    real_will_need, real_prune = CheckpointReader.will_need, pipeline._prune_targets
-    monkeypatch.setattr(CheckpointReader, "will_need",
-                        lambda self, names: (real_will_need(self, names), events.append(("hinted", tuple(names))))[0])
-    monkeypatch.setattr(pipeline, "_prune_targets",
-                        lambda run, unit, *a, **k: (events.append(("pruned", tuple(unit.targets))), real_prune(run, unit, *a, **k))[1])
-    prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity.parse(0.5)), tmp_path / "o", progress=False)
-
-    reader = CheckpointReader(tiny_llama)
-    targets = [n for n in reader.infos if "layers." in n and n.endswith("proj.weight")]
-    expected = {(reader.infos[n].file, reader.infos[n].offset, reader.infos[n].nbytes, os.POSIX_FADV_WILLNEED)
-                for n in targets}
-    assert set(hinted) == expected and len(hinted) == len(expected)
-    pruned = [names for kind, names in events if kind == "pruned"]
-    assert sorted(n for names in pruned for n in names) == sorted(targets)
-    assert all(("hinted", names) in events for names in pruned)  # one hint per unit, of its targets
