@@ -186,12 +186,13 @@ def test_global_tables_cached_reused_and_invalidated(tmp_path, tiny_llama, monke
     assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not a table header"])
 def test_damaged_tables_are_rebuilt(tmp_path, tiny_llama, damage):
     first = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)
     (table,) = (tmp_path / "cache" / "keytables").glob("*.safetensors")
     data = table.read_bytes()
-    table.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x10" + data[1:], "empty": b""}[damage])
+    table.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x10" + data[1:], "empty": b"",
+                       "not a table header": len(b"[1, 2]").to_bytes(8, "little") + b"[1, 2]"}[damage])
     assert keytables._read_tables(table) == {}
     assert_bitwise(from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False), first)
     assert len(keytables._read_tables(table)) > 0  # written again

@@ -136,7 +136,7 @@ def _read_tables(path: Path) -> dict[str, KeyTable]:
         tensors = load_safetensors(data)
         return {name: KeyTable(bool(wide), numel, tensors[f"{name}/keys"], tensors[f"{name}/counts"])
                 for name, (wide, numel) in json.loads(meta["tables"]).items()}
-    except (OSError, ValueError, KeyError, SafetensorError):  # absent or damaged: rebuild
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError):  # absent or damaged: rebuild
         return {}
 
 
