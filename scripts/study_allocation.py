@@ -61,8 +61,9 @@ def run_cell(name: str, args: list[str], work: Path, common: list[str]) -> None:
         subprocess.run(cmd, check=True, stdout=f, stderr=f)
 
 
-def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
-    """Mean and spread over seeds per (method, allocation, level) and metric, from finished sweeps."""
+def tables(work: Path, report: Path, cells: dict[str, list[str]], protocol: str = "") -> dict:
+    """Mean and spread over seeds per (method, allocation, level) and metric, from finished sweeps;
+    ``protocol`` (calibration, evaluation, ARC-Easy's limit) heads the markdown and the plots."""
     rows: dict[tuple, dict[str, list[float]]] = {}
     for name in cells:
         f = work / name / "sweep.json"
@@ -81,7 +82,8 @@ def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
     report.mkdir(parents=True, exist_ok=True)
     (report / "allocation.json").write_text(json.dumps(out, indent=1))
     metrics = sorted({m for v in rows.values() for m in v if not m.startswith("dense")})
-    lines = ["| method | allocation | level | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
+    lines = [*([protocol, ""] if protocol else []),
+             "| method | allocation | level | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
     dense = {m: next((v[f"dense {m}"][0] for v in rows.values() if f"dense {m}" in v), None) for m in metrics}
     lines.append("| dense | | 0 | " + " | ".join(f"{d:.2f}" if d is not None else "" for d in dense.values()) + " |")
     for (method, alloc, level), v in sorted(rows.items()):
@@ -90,7 +92,7 @@ def tables(work: Path, report: Path, cells: dict[str, list[str]]) -> dict:
     for m in metrics:
         lines += ["", *pivot(rows, m)]
     (report / "allocation.md").write_text("\n".join(lines) + "\n")
-    _plots(rows, metrics, report)
+    _plots(rows, metrics, report, protocol)
     return out
 
 
@@ -119,7 +121,7 @@ def pivot(rows: dict, metric: str) -> list[str]:
     return lines
 
 
-def _plots(rows: dict, metrics: list[str], report: Path) -> None:
+def _plots(rows: dict, metrics: list[str], report: Path, protocol: str = "") -> None:
     try:
         from llm_prune.study.plots import lines_over_steps
     except ImportError:
@@ -136,7 +138,8 @@ def _plots(rows: dict, metrics: list[str], report: Path) -> None:
             lines_over_steps(report / f"{method}-{metric.replace('/', '-')}.png", levels,
                              {a: [s.get(lv, float("nan")) for lv in levels] for a, s in series.items()},
                              "held-out perplexity (log)" if "ppl" in metric else metric,
-                             f"SmolLM2-135M, {method}: allocation against uniform (mean over seeds)",
+                             f"SmolLM2-135M, {method}: allocation against uniform (mean over seeds)"
+                             + (f"\n{protocol}" if protocol else ""),
                              xlabel="sparsity", logy="ppl" in metric)
 
 
@@ -169,7 +172,11 @@ def main() -> int:
         for name, cell_args in cells.items():
             if not args.only or name in args.only:
                 run_cell(name, cell_args, args.work, common)
-    out = tables(args.work, args.report, cells)
+    protocol = (f"calibration {args.nsamples} × {args.seqlen} tokens, seeds {args.seeds}; eval {args.eval}"
+                + (f", ARC-Easy first {args.limit} examples" if "arc" in args.eval else "")
+                + (f", perplexity windows {args.ppl_windows or 'all'} × {args.ppl_seqlen or 'min(2048, context)'} tokens"
+                   if "ppl" in args.eval else ""))
+    out = tables(args.work, args.report, cells, protocol)
     print(f"{len(out)} cells tabulated into {args.report / 'allocation.md'}")
     return 0
 
