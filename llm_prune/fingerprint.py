@@ -47,9 +47,8 @@ def _remember(digests: dict[str, str]) -> None:
 
 def _current(key: str) -> bool:
     """Whether a memo key (real path|size|mtime_ns) still describes its file."""
-    path, _, _ = key.rpartition("|")[0].rpartition("|")
     try:
-        return _memo_key(Path(path))[1] == key
+        return _memo_key(Path(key.rsplit("|", 2)[0]))[1] == key
     except OSError:
         return False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -41,8 +42,6 @@ def main() -> int:
     p.add_argument("--cp", action="store_true", help="also time `cp -r` of the checkpoint after the two exports")
     p.add_argument("--repeat", type=int, default=1, help="rounds per size (first, cached, cp each), medians printed")
     args = p.parse_args()
-    import os
-
     rows = []
     exe = [sys.executable, "-m", "llm_prune"]
     _, imports = timed([sys.executable, "-c", "import llm_prune.cli, llm_prune.pipeline"], dict(os.environ))
@@ -63,8 +62,6 @@ def main() -> int:
 
 def _round(exe: list[str], ckpt: Path, out: Path, n: int, imports: float, cp: bool) -> dict:
     """One round: the export with an empty llm-prune cache, again with the cache it left, then cp."""
-    import os
-
     cache = Path(tempfile.mkdtemp(prefix="llm-prune-cache-"))
     env = {**os.environ, "LLM_PRUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     row = {"blocks": n, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
