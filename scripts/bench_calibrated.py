@@ -295,6 +295,16 @@ def _llmc_owl_sparsities(model, make, sparsity: float, windows: torch.Tensor) ->
     return {"sparsity": [float(owl[n]) for n in layers], "targets": [r"re:model\.layers\.\d+$"]}
 
 
+def achieved_sparsity(model_dir: Path) -> float:
+    """Zeros stored over the default targets (every Linear in the blocks) of a saved checkpoint:
+    the two tools round per-row and per-layer counts differently, so the same requested
+    sparsity need not remove the same number of weights."""
+    from llm_prune.config import PruneConfig
+    from llm_prune.study.inspect import inspect
+
+    return inspect(model_dir, PruneConfig(), stored=True, progress=False)["overall"]["fraction"]
+
+
 def _timed(cmd: list[str]) -> tuple[dict, float]:
     """Run one pruning process; its last stdout line is JSON. Returns (that JSON, wall seconds)."""
     t = time.perf_counter()
@@ -342,6 +352,7 @@ def cmd_compare(args) -> None:
                     core = res["oneshot_s"]
                 rows.append({"tool": tool, "method": method, "pattern": pattern, "allocation": args.allocation,
                              "ppl": perplexity(out, ids, args.ppl_seqlen, args.ppl_windows),
+                             "achieved_sparsity": achieved_sparsity(out),
                              "process_wall_s": round(wall, 2), "prune_s": round(core, 2),
                              "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20, 1)})
                 print(json.dumps(rows[-1]), flush=True)
