@@ -12,7 +12,7 @@ from llm_prune.config import Sparsity
 from llm_prune.errors import UserError
 from llm_prune.magnitude import is_nm
 from llm_prune.magnitude import magnitude_keep
-from llm_prune.methods.sparsegpt import Hessian, inverse_cholesky, sparsegpt_prune
+from llm_prune.methods.sparsegpt import Hessian, _inverse_upper, inverse_cholesky, sparsegpt_prune
 from llm_prune.methods.wanda import InputNorms, wanda_keep
 
 HALF, TWO_FOUR = Sparsity(0.5), Sparsity(0.5, 2, 4)
@@ -89,6 +89,33 @@ def test_singular_hessian_raises_dampening_and_logs(caplog):
     assert "succeeded with dampening 0.01" in caplog.text
     Hd = H + 0.01 * torch.eye(2)
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 7, 96])
+def test_inverse_factor_is_the_cholesky_factor_of_the_inverse(n):
+    """One factorisation and a triangular inverse give the factor the reference code's three
+    steps give: upper, UᵀU = (H + λI)⁻¹, within fp32 rounding of the fp64 answer."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(4 * n, n, generator=g) * torch.rand(n, generator=g) ** 3  # badly scaled inputs
+    H = 2 * X.t() @ X / X.shape[0]
+    U = inverse_cholesky(H, damp=0.01)
+    Hd = H.double() + 0.01 * float(H.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert U.dtype == torch.float32 and U.is_contiguous() and bool((torch.tril(U, -1) == 0).all())
+    assert float((U.double() - reference).abs().max() / reference.abs().max()) < 1e-5
+    three_steps = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd.float())), upper=True)
+    torch.testing.assert_close(U, three_steps, rtol=1e-4, atol=1e-5 * float(three_steps.abs().max()))
+
+
+def test_triangular_inverse_lapack_and_torch_agree():
+    g = torch.Generator().manual_seed(3)
+    U = torch.triu(torch.randn(40, 40, generator=g)) + 8 * torch.eye(40)
+    inv = _inverse_upper(U.clone())
+    torch.testing.assert_close(inv, _inverse_upper(U.clone(), lapack=False), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(U @ inv, torch.eye(40), rtol=0, atol=1e-5)
+    singular = U.clone()
+    singular[5, 5] = 0
+    assert _inverse_upper(singular) is None
 
 
 def test_non_finite_hessian_is_a_user_error():
