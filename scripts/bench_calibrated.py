@@ -142,7 +142,8 @@ def flops_7b_block(tokens: int, seqlen: int, h: int = 4096, f: int = 11008, bloc
         "propagate forward (pruned block)": 2 * tokens * params,
         "attention scores and values, both passes": 2 * 2 * 2 * tokens * seqlen * h,
         "Hessians 2XXᵀ": 2 * tokens * sum(n * n for n in inputs),
-        "factorisations (~4n³/3 each)": sum(4 * n**3 / 3 for n in inputs),
+        # a Cholesky (n³/3) and a triangular inverse (n³/3) each (``inverse_cholesky``)
+        "factorisations (~2n³/3 each)": sum(2 * n**3 / 3 for n in inputs),
         "column loops (rows·cols·blocksize)": sum(2 * r * c * blocksize / 2 for r, c in targets),
         "lazy batch updates (rows·cols²)": sum(r * c * c for r, c in targets),
     }
