@@ -24,6 +24,7 @@ import json
 import statistics
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 METHODS = ["omp", "wanda", "sparsegpt", "ria"]
@@ -128,19 +129,21 @@ def _plots(rows: dict, metrics: list[str], report: Path, protocol: str = "") -> 
         return
     for method in METHODS:
         for metric in metrics:
-            series = {}
+            series, sds = {}, {}
             for (m, alloc, level), v in rows.items():
                 if m == method and metric in v and alloc not in NO_ALLOCATION.values():
                     series.setdefault(alloc, {})[float(level)] = statistics.fmean(v[metric])
+                    sds.setdefault(alloc, {})[float(level)] = statistics.stdev(v[metric]) if len(v[metric]) > 1 else 0.0
             levels = sorted({lv for s in series.values() for lv in s})
             if not series or not levels:
                 continue
             lines_over_steps(report / f"{method}-{metric.replace('/', '-')}.png", levels,
                              {a: [s.get(lv, float("nan")) for lv in levels] for a, s in series.items()},
                              "held-out perplexity (log)" if "ppl" in metric else metric,
-                             f"SmolLM2-135M, {method}: allocation against uniform (mean over seeds)"
-                             + (f"\n{protocol}" if protocol else ""),
-                             xlabel="sparsity", logy="ppl" in metric)
+                             f"SmolLM2-135M, {method}: allocation against uniform (mean ± sd over seeds)"
+                             + (f"\n{textwrap.fill(protocol, 80)}" if protocol else ""),
+                             xlabel="sparsity", logy="ppl" in metric,
+                             spread={a: [s.get(lv, 0.0) for lv in levels] for a, s in sds.items()})
 
 
 def main() -> int:

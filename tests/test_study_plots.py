@@ -108,3 +108,7 @@ def test_lines_over_steps(mpl, tmp_path):
     series = {"sparsity": [0.5, 0.5, 0.45, 0.3, 0.3]}
     path = lines_over_steps(tmp_path / "s.png", steps, series, "sparsity", "over training", marks=[(300, "jump"), 200])
     check_png(path)
+    banded = lines_over_steps(tmp_path / "b.png", steps, series, "sparsity", "with a band",
+                              spread={"sparsity": [0.01, 0.02, 0.0, 0.05, 0.01]})
+    check_png(banded)
+    assert banded.read_bytes() != path.read_bytes()

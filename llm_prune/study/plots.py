@@ -192,14 +192,21 @@ def histograms(path, panels: Sequence[tuple], xlabel: str, log_y: bool = True) -
 
 
 def lines_over_steps(path, steps: Sequence[float], series: Mapping[str, Sequence[float]], ylabel: str,
-                     title: str, marks: Sequence | None = None, xlabel: str = "step", logy: bool = False) -> Path:
+                     title: str, marks: Sequence | None = None, xlabel: str = "step", logy: bool = False,
+                     spread: Mapping[str, Sequence[float]] | None = None) -> Path:
     """Lines over training steps (or any x: ``xlabel``, e.g. "sparsity"); ``marks`` are steps to flag
     (a step, or (step, label)), drawn as red vertical lines, e.g. where the sparsity of a checkpoint jumps.
-    ``logy``: a log y axis (perplexities that grow by orders of magnitude)."""
+    ``logy``: a log y axis (perplexities that grow by orders of magnitude). ``spread``: per series, a
+    half-width at each step (e.g. the sd over seeds), drawn as a shaded band around its line, so
+    that lines closer than their spread do not read as a ranking."""
     fig = _new_figure((6.4, 4.0))
     ax = fig.add_subplot()
     for label, ys in series.items():
-        ax.plot(list(steps), list(ys), marker=".", label=label)
+        (line,) = ax.plot(list(steps), list(ys), marker=".", label=label)
+        if spread and label in spread:
+            ax.fill_between(list(steps), [y - d for y, d in zip(ys, spread[label])],
+                            [y + d for y, d in zip(ys, spread[label])], color=line.get_color(), alpha=0.15,
+                            linewidth=0)
     for j, mark in enumerate(marks or ()):
         step, label = mark if isinstance(mark, tuple) else (mark, None)
         ax.axvline(step, color="red", linestyle="--", linewidth=1, label="flagged" if j == 0 else None)
