@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_prune.config import Sparsity
 from llm_prune.magnitude import is_nm
@@ -57,3 +59,18 @@ def test_solve_zeroes_pruned_weights_and_keeps_the_rest_bit_for_bit():
     new, keep = get_method("wanda").solve(W, n, Sparsity(0.5), weight_in_first=False, calib=None)
     assert keep.tolist() == [[False, True, False, True]]  # scores 0.5 2 1.5 2
     assert new.dtype == torch.bfloat16 and new.tolist() == [[0.0, -2.0, 0.0, -0.25]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 40), levels=st.integers(1, 6), k=st.integers(0, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_selection_prunes_what_a_stable_sort_prunes(rows, cols, levels, k, seed):
+    # Few distinct values: rows full of ties, the case where selection and sort could part.
+    from llm_prune.methods.wanda import smallest_per_row
+
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, levels, (rows, cols), generator=g).to(torch.float32) * 0.25
+    score[torch.rand(rows, cols, generator=g) < 0.1] = -0.0  # -0.0 ties with 0.0, as in a sort
+    k = min(k, cols)
+    by_sort = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(smallest_per_row(score, k), by_sort)

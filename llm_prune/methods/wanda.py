@@ -58,9 +58,19 @@ def row_keep(score: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
         return nm_keep(score, sparsity.n, sparsity.m)
     if sparsity.count is not None:
         return _exact_row_keep(score, sparsity.count)
-    k = prune_count(score.shape[1], sparsity.ratio)
-    pruned = torch.sort(score, dim=1, stable=True).indices[:, :k]
-    return torch.ones_like(score, dtype=torch.bool).scatter_(1, pruned, False)
+    return ~smallest_per_row(score, prune_count(score.shape[1], sparsity.ratio))
+
+
+def smallest_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` smallest scores of each row, ties to the earlier column: the first ``k``
+    of a stable ascending sort, found by selection instead (each row's k-th smallest value,
+    everything below it, then its ties in column order), in about half the sort's time."""
+    if k <= 0 or k >= score.shape[1]:
+        return torch.full_like(score, k > 0, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values
+    below = score < kth
+    ties = score == kth
+    return below | (ties & (ties.cumsum(1) <= k - below.sum(1, keepdim=True)))
 
 
 def _exact_row_keep(score: torch.Tensor, count: int) -> torch.Tensor:
