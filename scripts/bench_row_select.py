@@ -1,0 +1,75 @@
+"""Wanda's and RIA's per-row choice: a stable sort (the reference code's way) against selection.
+
+    python scripts/bench_row_select.py --rounds 5 --threads 2 --json benchmarks/row-select.json
+
+For each shape (SmolLM2-135M's attention, MLP and down projection; Llama-2-7B's), random
+Wanda-like scores (|normal| times a per-column norm), half of each row pruned: the time of the
+first k of ``torch.sort(stable=True)`` against ``llm_prune.methods.wanda.smallest_per_row``,
+alternating, median of ``--rounds``, and whether the two masks are equal (they must be).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from llm_prune.methods.wanda import smallest_per_row
+
+SHAPES = {"smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up": (1536, 576),
+          "smollm2 down": (576, 1536), "7b q/k/v/o": (4096, 4096), "7b gate/up": (11008, 4096),
+          "7b down": (4096, 11008)}
+
+
+def by_sort(score: torch.Tensor, k: int) -> torch.Tensor:
+    first = torch.sort(score, dim=1, stable=True).indices[:, :k]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, first, True)
+
+
+def timed(fn, *args) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        score = torch.randn(shape, generator=g).abs() * torch.rand(shape[1], generator=g)
+        k = shape[1] // 2
+        times = {"sort": [], "select": []}
+        by_sort(score, k), smallest_per_row(score, k)  # warm-up: first calls allocate and dispatch
+        for r in range(args.rounds):
+            order = [("sort", by_sort), ("select", smallest_per_row)]
+            for label, fn in order if r % 2 == 0 else order[::-1]:
+                dt, mask = timed(fn, score, k)
+                times[label].append(dt)
+                if label == "sort":
+                    reference = mask
+                else:
+                    selected = mask
+        row = {"shape": name, "rows": shape[0], "cols": shape[1], "threads": args.threads,
+               "sort_s": statistics.median(times["sort"]), "select_s": statistics.median(times["select"]),
+               "equal": bool(torch.equal(reference, selected))}
+        row["ratio"] = row["select_s"] / row["sort_s"]
+        rows.append(row)
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rounds": args.rounds, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
