@@ -97,7 +97,20 @@ def environment() -> dict:
     numba = sys.modules.get("numba")  # the kernels ran only if it was imported
     if numba is not None:
         env |= {"numba": numba.__version__, "numba_threads": numba.get_num_threads()}
+    if "scipy.linalg.lapack" in sys.modules:  # loaded for SparseGPT's triangular inverse, whose sums follow these
+        env["blas_threads"] = _blas_threads()
     return env
+
+
+def _blas_threads() -> dict[str, int] | None:
+    """Thread count of each BLAS library loaded in this process (scipy's OpenBLAS among them), by
+    ``threadpoolctl``; None where it is not installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return {f"{i.get('internal_api')} ({Path(i.get('filepath', '')).name})": i.get("num_threads")
+            for i in threadpool_info() if i.get("user_api") == "blas"}
 
 
 def human_bytes(n: float) -> str:

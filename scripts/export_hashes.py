@@ -22,6 +22,11 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# SparseGPT's bytes depend on the BLAS thread counts: torch's (Hessians, updates) and the
+# OpenBLAS of scipy's triangular inverse. Pinned, so that a difference means a code change; the
+# reference files were written with these (set before numpy, scipy or torch is imported).
+TORCH_THREADS, OPENBLAS_THREADS = 2, 1
+os.environ["OPENBLAS_NUM_THREADS"] = str(OPENBLAS_THREADS)
 
 
 def _digest_state(model) -> str:
@@ -65,11 +70,14 @@ def main() -> int:
     ap.add_argument("--compare", type=Path, help="a JSON written before: exit 1 on any difference")
     args = ap.parse_args()
 
+    import torch
+
     import llm_prune
     from llm_prune.calibration import CalibConfig
     from llm_prune.config import PruneConfig, Sparsity
     from llm_prune.models import resolve_model
 
+    torch.set_num_threads(TORCH_THREADS)
     smol, minilm = resolve_model("smollm2-135m"), resolve_model("minilm-l6")
     calib = CalibConfig(nsamples=4, seqlen=128, seed=0)
     exports = {

@@ -97,3 +97,6 @@ def test_same_bytes_in_another_process(source, tmp_path, method):
     assert digest(tmp_path / "here") == digest(tmp_path / "there")
     env = json.loads((tmp_path / "there" / "sparsity.json").read_text())["run"]["environment"]
     assert {"torch", "transformers", "torch_threads", "numba_threads"} <= env.keys()
+    if method == "sparsegpt":  # its bytes follow the BLAS threads of the triangular inverse too
+        pytest.importorskip("threadpoolctl", reason="the BLAS thread counts are read with threadpoolctl")
+        assert any("openblas" in lib and n >= 1 for lib, n in env["blas_threads"].items()), env["blas_threads"]
