@@ -97,7 +97,7 @@ def environment() -> dict:
     numba = sys.modules.get("numba")  # the kernels ran only if it was imported
     if numba is not None:
         env |= {"numba": numba.__version__, "numba_threads": numba.get_num_threads()}
-    if "scipy.linalg.lapack" in sys.modules:  # loaded for SparseGPT's triangular inverse, whose sums follow these
+    if "scipy.linalg.lapack" in sys.modules:  # SparseGPT's triangular inverse runs there; its sums follow these
         env["blas_threads"] = _blas_threads()
     return env
 
