@@ -129,42 +129,29 @@ def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, 
     return module.to(device).eval()
 
 
-# Samples run through a block together, up to this many tokens per forward: GEMMs of a few
-# thousand rows keep the CPU's matrix units busier than one sample's 512 (BENCHMARKS.md, issue 19),
-# while the activations stay those of one 2,048-token sample, as in the reference code.
-FORWARD_TOKENS = 2048
-
-
-def samples_per_forward(x: torch.Tensor) -> int:
-    """How many of ``x``'s samples [nsamples, seqlen, hidden] one forward takes."""
-    return max(1, FORWARD_TOKENS // max(1, x.shape[1]))
-
-
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *, collect: bool,
               after_each=None) -> torch.Tensor | None:
-    """Run every sample through ``block``, ``samples_per_forward`` at a time. Returns the
-    outputs, in place of ``x``, when ``collect``."""
-    b = samples_per_forward(x)
-    for j in range(0, x.shape[0], b):
-        y = block(x[j:j + b].to(device, dtype), **kwargs)
+    """Run every sample through ``block``, one at a time (as the reference code does: memory is
+    one sample's activations). Returns the outputs, in place of ``x``, when ``collect``."""
+    for j in range(x.shape[0]):
+        y = block(x[j:j + 1].to(device, dtype), **kwargs)
         y = y[0] if isinstance(y, (tuple, list)) else y
         if after_each is not None:
             after_each()
         if collect:
-            x[j:j + b] = y.to(x.device, x.dtype)  # these samples are consumed before they are overwritten
+            x[j] = y[0].to(x.device, x.dtype)  # sample j is consumed before it is overwritten
     return x if collect else None
 
 
 def observe(block, rels, method, device, x, kwargs, dtype, first_group_only=False) -> "Observers":
     """One forward of every sample through ``block`` with ``rels`` observed. The block's output
-    is not needed: after the first forward each one stops once the last observed input has
+    is not needed: after the first sample each forward stops once the last observed input has
     been seen (the down projection and what follows it never run)."""
     observers = Observers(block, rels, method.observer, device, first_group_only=first_group_only, stop_early=True)
-    b = samples_per_forward(x)
     with torch.no_grad():
-        for j in range(0, x.shape[0], b):
+        for j in range(x.shape[0]):
             try:
-                block(x[j:j + b].to(device, dtype), **kwargs)
+                block(x[j:j + 1].to(device, dtype), **kwargs)
             except _Enough:
                 pass
             observers.end_forward()

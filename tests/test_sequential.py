@@ -14,7 +14,7 @@ from llm_prune.config import PruneConfig, Sparsity
 from llm_prune.errors import UserError
 from llm_prune.magnitude import is_nm
 from llm_prune.methods import get_method
-from llm_prune.blocks import FORWARD_TOKENS, build_skeleton, capture_block_inputs, load_block, observe, run_block
+from llm_prune.blocks import build_skeleton, capture_block_inputs
 from llm_prune.pipeline import Run, prune_checkpoint
 from llm_prune.reader import CheckpointReader
 from llm_prune.sequential import prune_sequential
@@ -75,9 +75,7 @@ def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: 
             with pytest.raises(InterruptedError):
                 model(input_ids=windows[j:j + 1], use_cache=False)
         hook.remove()
-        b = max(1, FORWARD_TOKENS // calib.seqlen)  # samples per forward, as the pipeline runs them
-        xs = [torch.cat(caught["x"][j:j + b]) for j in range(0, len(caught["x"]), b)]
-        kw, pruned = caught["kw"], {}
+        xs, kw, pruned = caught["x"], caught["kw"], {}
         for i, layer in enumerate(layers):
             all_linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
             # true-sequential: observe and solve group by group; else all at once from one forward
@@ -196,39 +194,6 @@ def test_only_the_embedding_is_materialised_to_capture_block_inputs(llama_dir):
     assert all(p.is_meta for p in skeleton.parameters())  # and the embedding is released again
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
-def test_several_samples_per_forward_give_one_sample_forwards_results(llama_dir, monkeypatch, method):
-    # Batching calibration samples changes only the GEMMs' shapes: the block's outputs and the
-    # statistics agree with one sample per forward to fp32 rounding.
-    from llm_prune import blocks
-
-    reader = CheckpointReader(llama_dir)
-    arch = arch_for(reader.config)
-    skeleton = build_skeleton(llama_dir)
-    layers = skeleton.get_submodule(arch.blocks_attr)
-    windows = torch.randint(0, 128, (7, 16), generator=torch.Generator().manual_seed(0))
-    cpu = torch.device("cpu")
-    x, kwargs = capture_block_inputs(skeleton, reader, arch, layers[0], windows, cpu, torch.float32, cpu)
-    unit = next(u for u in reader.units(arch) if u.block == 0)
-    block = load_block(layers[0], reader.read(unit.names), arch, cpu, torch.float32)
-    rels = [arch.block_of(n)[1] for n in unit.targets]
-    results = {}
-    for tokens in (16, 48, 2048):  # 1, 3 (the last forward takes 1) and all 7 samples per forward
-        monkeypatch.setattr(blocks, "FORWARD_TOKENS", tokens)
-        with torch.no_grad():
-            stats = observe(block, rels, get_method(method), cpu, x, kwargs, torch.float32)
-            results[tokens] = (run_block(block, x.clone(), kwargs, cpu, torch.float32, collect=True), stats)
-    one_y, one_stats = results[16]
-    for tokens in (48, 2048):
-        y, stats = results[tokens]
-        torch.testing.assert_close(y, one_y, rtol=1e-5, atol=1e-5)
-        for rel in rels:
-            a, b = stats.stat(rel), one_stats.stat(rel)
-            assert a.count == b.count == 7 * 16
-            got, want = (a.H, b.H) if method == "sparsegpt" else (a.norms, b.norms)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
 def test_opt_family_runs_from_its_arch_entry(tmp_path, calib_text):
     src = add_tokenizer(save_tiny(tmp_path / "tiny-opt", tiny_opt_config()))
     report = run(src, PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5, 2, 4)), calib_for(calib_text),
@@ -259,15 +224,12 @@ def test_bad_inputs_are_user_errors(llama_dir, tiny_llama, calib_text, tmp_path)
         prune_sequential(run_of(reader, units, cfg, calib_for(calib_text, nsamples=500), ARCHS["llama"], writer))
 
 
-def test_observing_stops_each_forward_after_the_last_observed_input(monkeypatch):
-    # The block's output is not needed to observe it: after the first forward, forwards end at the
+def test_observing_stops_each_forward_after_the_last_observed_input():
+    # The block's output is not needed to observe it: after the first sample, forwards end at the
     # last target's input. The statistics are those of full forwards, to the bit.
     from torch import nn
 
-    from llm_prune import blocks
     from llm_prune.blocks import Observers, observe
-
-    monkeypatch.setattr(blocks, "FORWARD_TOKENS", 3)  # one 3-token sample per forward: five forwards
     from llm_prune.methods.sparsegpt import Hessian
 
     class Block(nn.Module):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from ..config import Sparsity
@@ -38,24 +37,12 @@ class Hessian:
 
     A running mean rather than a sum keeps the entries of order |x|² however many tokens are
     seen; the scale does not change the solution (dampening is relative to the mean diagonal).
-    On the CPU each update is BLAS's symmetric rank-k update (``ssyrk``), which computes one
-    triangle: half the arithmetic of the matrix product, and the Hessians are most of a
-    calibrated run's work after the forwards. The other triangle is filled in when ``H`` is read.
     """
 
     def __init__(self, columns: int, device: torch.device | str | None = None):
-        self._H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self._lower_only = False  # the upper triangle is stale (``ssyrk`` updated the lower one)
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.count = 0
         self._inverse: tuple[float, torch.Tensor] | None = None
-
-    @property
-    def H(self) -> torch.Tensor:
-        """The full symmetric matrix (the triangle an update skipped is mirrored in first)."""
-        if self._lower_only:
-            _mirror_lower_(self._H)
-            self._lower_only = False
-        return self._H
 
     def inverse(self, damp: float) -> torch.Tensor:
         """``inverse_cholesky`` of H with its dead inputs given a unit diagonal, computed once: the
@@ -65,38 +52,13 @@ class Hessian:
         return self._inverse[1]
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self._H.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
         total = self.count + x.shape[0]
         if total == 0:
             return
-        self._inverse = None
-        if self._H.device.type == "cpu":
-            from scipy.linalg.blas import ssyrk
-
-            # Row-major memory read in Fortran order is the transpose: x's buffer is xᵀ (so
-            # ``A·Aᵀ`` is xᵀx) and H's upper triangle in Fortran order is its lower one in torch.
-            c = self._H.numpy().T
-            out = ssyrk(2.0 / total, x.detach().contiguous().numpy().T, beta=self.count / total, c=c,
-                        trans=0, lower=0, overwrite_c=1)
-            if not np.may_share_memory(out, c):  # scipy copied instead of updating in place
-                c[...] = out
-            self._lower_only = True
-        else:
-            H = self.H
-            H.mul_(self.count / total)
-            H.addmm_(x.t(), x, alpha=2.0 / total)
+        self.H.mul_(self.count / total)
+        self.H.addmm_(x.t(), x, alpha=2.0 / total)
         self.count = total
-
-
-def _mirror_lower_(H: torch.Tensor, step: int = 1024) -> None:
-    """Copy the lower triangle of square ``H`` onto its upper one, in place, a band of rows at a
-    time (no n × n temporary: 485 MB for a 7B down projection's Hessian)."""
-    n = H.shape[0]
-    for i in range(0, n, step):
-        j = min(i + step, n)
-        D = H[i:j, i:j]
-        D.copy_(D.tril() + D.tril(-1).t())
-        H[i:j, j:] = H[j:, i:j].t()
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
