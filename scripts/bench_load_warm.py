@@ -11,7 +11,8 @@ after one warm-up load of each kind (numba started, key tables cached), alternat
   ours   llm_prune.from_pretrained(path, sparsity, scope, dtype=...) + touching every weight
 
 ("touching": one byte per page of every parameter, so that both hold a usable model: transformers
-leaves unconverted weights as lazy file mappings). Reports medians and the ratio of medians.
+leaves unconverted weights as lazy file mappings). Reports medians and the ratio of medians,
+and per load the minor page faults and the user / kernel CPU seconds of the process.
 ``--whole-process`` adds the same comparison with each load in a fresh process (imports
 included), as a user running one command sees it.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,13 +72,20 @@ def warm_pairs(path: Path, dtype, scope: str, sparsity: float, pairs: int) -> di
         touch(llm_prune.from_pretrained(path, sparsity=sparsity, scope=scope, dtype=dtype, progress=False))
 
     hf(), ours()  # warm-up: imports of the model classes, numba, cached key tables
-    times = {"hf": [], "ours": []}
+    times, costs = {"hf": [], "ours": []}, {"hf": [], "ours": []}
     for _ in range(pairs):
         for name, fn in (("hf", hf), ("ours", ours)):
-            t = time.perf_counter()
+            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             fn()
             times[name].append(round(time.perf_counter() - t, 4))
-    return _summary(times)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            costs[name].append((r1.ru_minflt - r0.ru_minflt, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+    # Where the time goes, per load (medians): page faults (first writes to fresh memory, first
+    # reads of a mapped file) and the CPU seconds of all threads, in user space and in the kernel.
+    per_load = {name: {"minor_faults": int(statistics.median(c[0] for c in v)),
+                       "user_s": round(statistics.median(c[1] for c in v), 3),
+                       "system_s": round(statistics.median(c[2] for c in v), 3)} for name, v in costs.items()}
+    return _summary(times) | {"per_load": per_load}
 
 
 def whole_process_pairs(path: Path, dtype: str, scope: str, sparsity: float, pairs: int) -> dict:
@@ -131,8 +140,10 @@ def main() -> int:
             row["whole_process"] = whole_process_pairs(path, dtype, args.scope, args.sparsity, args.pairs)
         rows.append(row)
         w = row["warm"]
+        f = {k: v["minor_faults"] for k, v in w["per_load"].items()}
         line = (f"{name} {dtype} {args.scope} {args.sparsity}: warm hf {w['median_s']['hf']:.3f} s, "
-                f"llm-prune {w['median_s']['ours']:.3f} s, ratio {w['ratio']:.2f}")
+                f"llm-prune {w['median_s']['ours']:.3f} s, ratio {w['ratio']:.2f} "
+                f"(minor faults per load {f['hf']} / {f['ours']})")
         if args.whole_process:
             wp = row["whole_process"]
             line += (f"; whole process hf {wp['median_s']['hf']:.2f} s, llm-prune {wp['median_s']['ours']:.2f} s, "
