@@ -130,25 +130,32 @@ def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, 
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *, collect: bool,
-              after_each=None) -> torch.Tensor | None:
+              after_each=None, matmul: torch.dtype | None = None) -> torch.Tensor | None:
     """Run every sample through ``block``, one at a time (as the reference code does: memory is
-    one sample's activations). Returns the outputs, in place of ``x``, when ``collect``."""
-    for j in range(x.shape[0]):
-        y = block(x[j:j + 1].to(device, dtype), **kwargs)
-        y = y[0] if isinstance(y, (tuple, list)) else y
-        if after_each is not None:
-            after_each()
-        if collect:
-            x[j] = y[0].to(x.device, x.dtype)  # sample j is consumed before it is overwritten
+    one sample's activations). Returns the outputs, in place of ``x``, when ``collect``.
+    ``matmul``: the dtype the forward's matmuls autocast to (None: ``dtype`` throughout)."""
+    with _autocast(device, matmul):
+        for j in range(x.shape[0]):
+            y = block(x[j:j + 1].to(device, dtype), **kwargs)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            if after_each is not None:
+                after_each()
+            if collect:
+                x[j] = y[0].to(x.device, x.dtype)  # sample j is consumed before it is overwritten
     return x if collect else None
 
 
-def observe(block, rels, method, device, x, kwargs, dtype, first_group_only=False) -> "Observers":
+def _autocast(device, matmul: torch.dtype | None):
+    return torch.autocast(torch.device(device).type, dtype=matmul, enabled=matmul is not None)
+
+
+def observe(block, rels, method, device, x, kwargs, dtype, first_group_only=False,
+            matmul: torch.dtype | None = None) -> "Observers":
     """One forward of every sample through ``block`` with ``rels`` observed. The block's output
     is not needed: after the first sample each forward stops once the last observed input has
     been seen (the down projection and what follows it never run)."""
     observers = Observers(block, rels, method.observer, device, first_group_only=first_group_only, stop_early=True)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(device, matmul):
         for j in range(x.shape[0]):
             try:
                 block(x[j:j + 1].to(device, dtype), **kwargs)
@@ -201,7 +208,8 @@ class Observers:
                 self.stats[rel] = make(x.shape[-1], device)
                 self._last = rel
             if rel in self.stats:
-                self.stats[rel].add(x.detach())
+                with torch.autocast(x.device.type, enabled=False):  # statistics in fp32 under bf16-mixed
+                    self.stats[rel].add(x.detach())
                 if self.stop_early and not self._first and rel == self._last:
                     raise _Enough
         return pre

@@ -31,6 +31,9 @@ from .runtime import require
 DEFAULT_SOURCE = "embedded"
 MAX_SEQLEN = REFERENCE_SEQLEN  # longer contexts only cost time
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Mixed precision (torch.autocast): activations, the residual stream, norms and statistics stay
+# fp32; only the matmuls inside the block forwards run in the narrow dtype.
+MIXED = {"bf16-mixed": torch.bfloat16}
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 # name -> (dataset path, config, load_dataset kwargs, split); the files the papers calibrate on
 HUB_DATASETS = {
@@ -51,7 +54,7 @@ class CalibConfig:
     device: str | None = None  # None: cuda when available, else cpu
     damp: float = 0.01  # SparseGPT: fraction of the mean Hessian diagonal added to it
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
-    dtype: str = "float32"  # activations and block forward; statistics are always fp32
+    dtype: str = "float32"  # activations and block forward (or bf16-mixed); statistics are always fp32
     offload: bool = False  # keep activations in CPU memory when the device is a GPU
     # Solve a block's targets group by group (q/k/v, o, gate/up, down), each observed with the
     # groups before it already pruned, as GPTQ's --true-sequential: one forward per group.
@@ -66,8 +69,8 @@ class CalibConfig:
             raise UserError(f"--damp must be a non-negative fraction of the mean Hessian diagonal, got {self.damp}")
         if self.blocksize < 1:
             raise UserError(f"--blocksize must be at least 1, got {self.blocksize}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"activation dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES and self.dtype not in MIXED:
+            raise UserError(f"activation dtype must be one of {', '.join([*DTYPES, *MIXED])}, got {self.dtype!r}")
 
     def resolved_seqlen(self, model_config: dict) -> int:
         context = context_length(model_config)
@@ -78,7 +81,12 @@ class CalibConfig:
         return self.seqlen
 
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype activations are stored in and blocks are built in."""
+        return DTYPES.get(self.dtype, torch.float32)
+
+    def matmul_dtype(self) -> torch.dtype | None:
+        """The dtype block forwards autocast their matmuls to (None: no autocast)."""
+        return MIXED.get(self.dtype)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -220,8 +228,9 @@ def add_calibration_arguments(parser) -> None:
     g.add_argument("--damp", type=float, default=0.01,
                    help="SparseGPT dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT columns per update block (default: 128)")
-    g.add_argument("--act-dtype", default="float32", choices=sorted(DTYPES),
-                   help="dtype of calibration activations and block forwards (default: float32)")
+    g.add_argument("--act-dtype", default="float32", choices=[*sorted(DTYPES), *MIXED],
+                   help="dtype of calibration activations and block forwards; bf16-mixed keeps them in "
+                        "float32 and runs the matmuls in bfloat16 (default: float32)")
     g.add_argument("--true-sequential", action="store_true",
                    help="observe each group of a block's targets after the groups before it are pruned "
                         "(one block forward per group instead of one per block)")

@@ -50,6 +50,7 @@ class _Pass:
 
     device: torch.device
     dtype: torch.dtype  # of activations and block forwards
+    matmul: torch.dtype | None  # what the forwards' matmuls autocast to (bf16-mixed), else None
     store: torch.device  # where the activations live between blocks
     state: dict  # the run's state in progress.jsonl
     x: torch.Tensor | None = None  # the next block's inputs, [nsamples, seqlen, hidden]
@@ -86,9 +87,9 @@ def prune_sequential(run) -> dict:
     report = {"source": calib.source, "nsamples": calib.nsamples, "seqlen": seqlen, "seed": calib.seed,
               "device": str(device), "activation_dtype": calib.dtype, "offload": calib.offload}
     report |= {f: getattr(calib, f) for f in method.calib_fields}
-    log.info("calibration on %s in %s (%s)", device, calib.dtype,
-             "fp32 keeps CPU matmuls fast and exact" if dtype == torch.float32 else "as asked")
-    p = _Pass(device, dtype, torch.device("cpu") if calib.offload else device, {**writer.state, "calibration": run_key})
+    log.info("calibration on %s in %s", device, calib.dtype)
+    p = _Pass(device, dtype, calib.matmul_dtype(), torch.device("cpu") if calib.offload else device,
+              {**writer.state, "calibration": run_key})
     if pending:
         report |= _start(run, p, seqlen)
     if cfg.allocation == "owl":
@@ -159,7 +160,8 @@ def _owl_shares(run, p: _Pass, blocks: list[Unit], first: bool) -> Shares:
             block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
             rels = {arch.block_of(n)[1]: n for n in unit.targets}
             observers = Observers(block, list(rels), InputNorms, p.device)
-            run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward)
+            run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward,
+                      matmul=p.matmul)
             observers.remove()
         if unit.targets:
             wif = arch.weight_in_first
@@ -181,7 +183,7 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
     stats = _solve_targets(run, p, block, unit, tensors)
     if unit.block < len(p.blocks) - 1:
-        p.x = run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True)
+        p.x = run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, matmul=p.matmul)
         _save_inputs(run.writer, unit.block + 1, p.x)
     p.blocks[unit.block] = block.to("meta")
     from .kernels.formats import encode_all  # numba: imported once, by the first block that needs it
@@ -207,12 +209,13 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
     rel_targets = {run.arch.block_of(n)[1]: n for n in unit.targets}
     producers = {**dict(run.arch.permutable), **dict(run.arch.permutable_heads)}
     first = observe(block, list(rel_targets), method, p.device, p.x, p.kwargs, p.dtype,
-                    first_group_only=calib.true_sequential)
+                    first_group_only=calib.true_sequential, matmul=p.matmul)
     groups = first.groups(list(rel_targets)) if calib.true_sequential else [list(rel_targets)]
     stats = {}
     for i, group in enumerate(groups):
         # true-sequential: each later group is observed anew, with the groups before it pruned
-        observers = first if i == 0 else observe(block, group, method, p.device, p.x, p.kwargs, p.dtype)
+        observers = first if i == 0 else observe(block, group, method, p.device, p.x, p.kwargs, p.dtype,
+                                                 matmul=p.matmul)
         for rel in group:
             name = rel_targets[rel]
             stat = observers.stat(rel)

@@ -75,7 +75,7 @@ def cmd_prune(args) -> None:
 
     torch.set_num_threads(args.threads)
     calib = CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                        true_sequential=args.true_sequential)
+                        true_sequential=args.true_sequential, dtype=args.act_dtype)
     rss0 = vm_hwm()  # after imports
     report = run_pruning(Path(args.src), args.method, args.pattern, Path(args.out), calib, allocation=args.allocation)
     print(json.dumps({"time_s": report["run"]["time_s"], "peak_rss_bytes": vm_hwm(),
@@ -337,13 +337,15 @@ def cmd_compare(args) -> None:
     rows = [{"tool": "-", "method": "dense", "pattern": "-",
              "ppl": perplexity(src, ids, args.ppl_seqlen, args.ppl_windows)}]
     print(json.dumps(rows[-1]), flush=True)
+    runs = [(tool, dt) for tool in args.tools for dt in (args.act_dtypes if tool == "llm-prune" else ["float32"])]
     for pattern in args.patterns:
         for method in args.methods:
-            for tool in args.tools:
+            for tool, act_dtype in runs:
                 out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
                 if tool == "llm-prune":
                     res, wall = _timed([sys.executable, __file__, "prune", "--src", str(src), "--method", method,
                                         "--pattern", pattern, "--out", str(out), *common, "--allocation", args.allocation,
+                                        "--act-dtype", act_dtype,
                                         *(["--true-sequential"] if args.true_sequential else [])])
                     core = res["time_s"]
                 else:
@@ -352,6 +354,7 @@ def cmd_compare(args) -> None:
                                         "--allocation", args.allocation])
                     core = res["oneshot_s"]
                 rows.append({"tool": tool, "method": method, "pattern": pattern, "allocation": args.allocation,
+                             "act_dtype": act_dtype,
                              "ppl": perplexity(out, ids, args.ppl_seqlen, args.ppl_windows),
                              "achieved_sparsity": achieved_sparsity(out),
                              "process_wall_s": round(wall, 2), "prune_s": round(core, 2),
@@ -386,7 +389,9 @@ def cmd_summarize(args) -> None:
         for r in run["rows"]:
             if r["method"] == "dense":
                 continue
-            cell = table.setdefault((r["method"], r["pattern"], r["tool"]), {"ppl": {}})
+            dt = r.get("act_dtype", "float32")
+            tool = r["tool"] if dt == "float32" else f"{r['tool']} {dt}"
+            cell = table.setdefault((r["method"], r["pattern"], tool), {"ppl": {}})
             cell["ppl"][seed] = r["ppl"]
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     # Wall times are left out: they only compare within one run (one machine state), see compare.
@@ -394,7 +399,7 @@ def cmd_summarize(args) -> None:
     summary = []
     for (method, pattern, tool), cell in sorted(table.items()):
         other = table.get((method, pattern, "llm-compressor"))
-        both = other is not None and tool == "llm-prune" and other["ppl"].keys() == cell["ppl"].keys()
+        both = other is not None and tool.startswith("llm-prune") and other["ppl"].keys() == cell["ppl"].keys()
         ppl_ratio = mean(cell["ppl"]) / mean(other["ppl"]) if both else None
         seeds = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(cell["ppl"].items()))
         lines.append(f"| {method} | {pattern} | {tool} | {seeds} | {mean(cell['ppl']):.2f} | "
@@ -438,6 +443,7 @@ def main() -> None:
     pr.add_argument("--pattern", required=True, type=pattern_arg)
     pr.add_argument("--out", required=True)
     pr.add_argument("--true-sequential", action="store_true")
+    pr.add_argument("--act-dtype", default="float32")
     sub.choices["speed7b"].add_argument("--blocks", type=int, default=1)
     sub.choices["llmc_windows"].add_argument("--out", required=True)
     lc = sub.choices["llmc"]
@@ -455,6 +461,8 @@ def main() -> None:
     cp.add_argument("--ppl-windows", type=int, default=6)
     cp.add_argument("--json", help="also write the result here")
     cp.add_argument("--true-sequential", action="store_true", help="llm-prune solves group by group in a block")
+    cp.add_argument("--act-dtypes", nargs="+", default=["float32"],
+                    help="llm-prune's --act-dtype, one run each (llm-compressor runs in float32)")
     pp = sub.choices["ppl"]
     pp.add_argument("--dir", required=True)
     pp.add_argument("--ppl-seqlen", type=int, default=512)
