@@ -88,7 +88,7 @@ def test_config_defaults_validation_and_seqlen():
                        (dict(seqlen=0), "--seqlen must be at least 1, got 0"),
                        (dict(damp=-1.0), "--damp must be a non-negative fraction"),
                        (dict(blocksize=0), "--blocksize must be at least 1, got 0"),
-                       (dict(dtype="int8"), "activation dtype must be one of float32, bfloat16, float16, got 'int8'")]:
+                       (dict(dtype="int8"), "activation dtype must be one of float32, bfloat16, float16, bf16-mixed, got 'int8'")]:
         with pytest.raises(UserError, match=match):
             CalibConfig(**bad)
 
@@ -101,6 +101,9 @@ def test_cli_flags_build_the_config():
                          "--true-sequential"])
     assert calib_config_from_args(args) == CalibConfig("x.txt", 32, 512, 7, "cpu", 0.1, 64, "bfloat16", True, True)
     assert calib_config_from_args(p.parse_args([])) == CalibConfig()
+    mixed = calib_config_from_args(p.parse_args(["--act-dtype", "bf16-mixed"]))
+    assert (mixed.torch_dtype(), mixed.matmul_dtype()) == (torch.float32, torch.bfloat16)
+    assert (CalibConfig().torch_dtype(), CalibConfig().matmul_dtype()) == (torch.float32, None)
 
 
 def test_device_resolution():

@@ -58,6 +58,8 @@ def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     method = get_method(method_name)
+    # bf16-mixed: every block forward autocasts its matmuls to bf16; statistics and solves stay fp32
+    forward = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=calib.dtype == "bf16-mixed")  # noqa: E731
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     source = load_dir(src)
     windows, _ = calibration_windows(calib, AutoTokenizer.from_pretrained(src), calib.seqlen)
@@ -82,9 +84,11 @@ def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: 
             for group in (LLAMA_GROUPS if calib.true_sequential else [list(all_linears)]):
                 linears = {n: all_linears[n] for n in group}
                 stats = {n: method.observer(m.in_features, "cpu") for n, m in linears.items()}
-                hooks = [m.register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0])) for n, m in linears.items()]
-                for x in xs:
-                    layer(x, **kw)
+                hooks = [m.register_forward_pre_hook(lambda m, a, n=n: _add_fp32(stats[n], a[0]))
+                         for n, m in linears.items()]
+                with forward():
+                    for x in xs:
+                        layer(x, **kw)
                 for h in hooks:
                     h.remove()
                 for n, m in linears.items():
@@ -92,8 +96,14 @@ def in_memory_reference(src: Path, method_name: str, sparsity: Sparsity, calib: 
                     new, _ = method.solve(source[name].float(), stats[n], sparsity, weight_in_first=False, calib=calib)
                     pruned[name] = new.to(source[name].dtype)  # exported rounded; propagated as solved
                     m.weight.data = new
-            xs = [layer(x, **kw) for x in xs]
+            with forward():
+                xs = [layer(x, **kw) for x in xs]
     return pruned
+
+
+def _add_fp32(stat, x):
+    with torch.autocast("cpu", enabled=False):
+        stat.add(x)
 
 
 @pytest.mark.parametrize("method,sparsity", CASES, ids=[f"{m}-{s}" for m, s in CASES])
@@ -115,6 +125,25 @@ def test_streaming_equals_in_memory_block_by_block(llama_dir, calib_text, tmp_pa
     cal = report["calibration"]
     assert (cal["source"], cal["nsamples"], cal["seqlen"], cal["seed"]) == (str(calib_text), 6, 32, 0)
     assert cal["text_tokens"] >= 6 * 32
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_bf16_mixed_equals_the_reference_under_autocast_and_differs_from_fp32(llama_dir, calib_text, tmp_path, method):
+    sparsity = Sparsity(0.5)
+    calib = calib_for(calib_text, dtype="bf16-mixed")
+    report = run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib, tmp_path / "mixed")
+    run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib_for(calib_text), tmp_path / "fp32")
+    mixed, fp32 = load_dir(tmp_path / "mixed"), load_dir(tmp_path / "fp32")
+    reference = in_memory_reference(llama_dir, method, sparsity, calib)
+    assert len(reference) == 3 * 7
+    for name, expected in reference.items():
+        assert torch.equal(mixed[name], expected), name
+    assert report["calibration"]["activation_dtype"] == "bf16-mixed"
+    # block 0's q/k/v see the embedding's fp32 output either way; later inputs come from bf16 matmuls
+    first = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(mixed[first], fp32[first])
+    if method == "sparsegpt":  # (Wanda's masks on this tiny model come out the same either way)
+        assert any(not torch.equal(mixed[n], fp32[n]) for n in reference)
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
@@ -256,6 +285,35 @@ def test_observing_stops_each_forward_after_the_last_observed_input():
             full.end_forward()
     for rel in ("q.weight", "k.weight", "up.weight", "down.weight"):
         assert torch.equal(got.stat(rel).H, full.stat(rel).H) and got.stat(rel).count == full.stat(rel).count == 15
+
+
+def test_bf16_mixed_forwards_autocast_the_matmuls_and_keep_statistics_in_fp32():
+    from torch import nn
+
+    from llm_prune.blocks import observe, run_block
+    from llm_prune.methods.sparsegpt import Hessian
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(4, 8, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.stack([block(x[j:j + 1])[0] for j in range(4)])
+    mixed = run_block(block, x.clone(), {}, "cpu", torch.float32, collect=True, matmul=torch.bfloat16)
+    plain = run_block(block, x.clone(), {}, "cpu", torch.float32, collect=True)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, expected.float())
+    assert not torch.equal(mixed, plain)
+    # the second Linear's input comes out of a bf16 matmul; its Hessian is the fp32 one of those values
+    got = observe(block, ["0.weight", "2.weight"], get_method("sparsegpt"), "cpu", x, {}, torch.float32,
+                  matmul=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = torch.cat([torch.relu(block[0](x[j:j + 1])) for j in range(4)]).reshape(-1, 32)
+    reference = Hessian(32)
+    reference.add(seen.float())
+    assert got.stat("2.weight").H.dtype == torch.float32
+    torch.testing.assert_close(got.stat("2.weight").H, reference.H, rtol=1e-6, atol=1e-7)
+    first = Hessian(16)
+    first.add(x)
+    torch.testing.assert_close(got.stat("0.weight").H, first.H, rtol=1e-6, atol=1e-7)
 
 
 def test_targets_sharing_an_input_share_one_inverse_hessian(llama_dir, calib_text, tmp_path, monkeypatch):
