@@ -54,7 +54,7 @@ class CalibConfig:
     device: str | None = None  # None: cuda when available, else cpu
     damp: float = 0.01  # SparseGPT: fraction of the mean Hessian diagonal added to it
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
-    dtype: str = "float32"  # activations and block forward (or bf16-mixed); statistics are always fp32
+    dtype: str = "auto"  # activations and block forward (or bf16-mixed); statistics are always fp32
     offload: bool = False  # keep activations in CPU memory when the device is a GPU
     # Solve a block's targets group by group (q/k/v, o, gate/up, down), each observed with the
     # groups before it already pruned, as GPTQ's --true-sequential: one forward per group.
@@ -69,8 +69,13 @@ class CalibConfig:
             raise UserError(f"--damp must be a non-negative fraction of the mean Hessian diagonal, got {self.damp}")
         if self.blocksize < 1:
             raise UserError(f"--blocksize must be at least 1, got {self.blocksize}")
+        if self.dtype == "auto":  # resolved here, so reports, resume keys and caches name the real one
+            from .runtime import resolve_device
+
+            object.__setattr__(self, "dtype", default_act_dtype(resolve_device(self.device)))
         if self.dtype not in DTYPES and self.dtype not in MIXED:
-            raise UserError(f"activation dtype must be one of {', '.join([*DTYPES, *MIXED])}, got {self.dtype!r}")
+            raise UserError(f"activation dtype must be one of {', '.join(['auto', *DTYPES, *MIXED])}, "
+                            f"got {self.dtype!r}")
 
     def resolved_seqlen(self, model_config: dict) -> int:
         context = context_length(model_config)
@@ -90,6 +95,20 @@ class CalibConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def default_act_dtype(device: torch.device) -> str:
+    """``--act-dtype auto``: bf16-mixed where bfloat16 matmuls run natively (CUDA GPUs that have
+    them; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere, where they are emulated and slower
+    than fp32. On SmolLM2 the two give the same perplexity within the spread of calibration seeds
+    (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        if any(probe is not None and probe() for probe in probes):
+            return "bf16-mixed"
+    return "float32"
 
 
 def context_length(model_config: dict) -> int | None:
@@ -228,9 +247,10 @@ def add_calibration_arguments(parser) -> None:
     g.add_argument("--damp", type=float, default=0.01,
                    help="SparseGPT dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
     g.add_argument("--blocksize", type=int, default=128, help="SparseGPT columns per update block (default: 128)")
-    g.add_argument("--act-dtype", default="float32", choices=[*sorted(DTYPES), *MIXED],
+    g.add_argument("--act-dtype", default="auto", choices=["auto", *sorted(DTYPES), *MIXED],
                    help="dtype of calibration activations and block forwards; bf16-mixed keeps them in "
-                        "float32 and runs the matmuls in bfloat16 (default: float32)")
+                        "float32 and runs the matmuls in bfloat16 (default: auto, bf16-mixed where the "
+                        "device has native bfloat16 matmuls, else float32)")
     g.add_argument("--true-sequential", action="store_true",
                    help="observe each group of a block's targets after the groups before it are pruned "
                         "(one block forward per group instead of one per block)")

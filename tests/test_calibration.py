@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from llm_prune.calibration import (CalibConfig, add_calibration_arguments, calib_config_from_args, draw_windows,
-                                   embedded_passages, load_texts, tokenize)
+from llm_prune.calibration import (CalibConfig, add_calibration_arguments, calib_config_from_args, default_act_dtype,
+                                   draw_windows, embedded_passages, load_texts, tokenize)
 from llm_prune.errors import UserError
 from llm_prune.runtime import resolve_device
 
@@ -78,7 +78,8 @@ def test_embedded_corpus_splits_calibration_from_held_out_text():
 
 def test_config_defaults_validation_and_seqlen():
     c = CalibConfig()
-    assert (c.source, c.nsamples, c.seed, c.damp, c.blocksize, c.dtype) == ("embedded", 128, 0, 0.01, 128, "float32")
+    assert (c.source, c.nsamples, c.seed, c.damp, c.blocksize) == ("embedded", 128, 0, 0.01, 128)
+    assert c.dtype == default_act_dtype(resolve_device(None))  # "auto", resolved when the config is made
     assert c.resolved_seqlen({"max_position_embeddings": 8192}) == 2048
     assert c.resolved_seqlen({"max_position_embeddings": 1024}) == 1024
     assert CalibConfig(seqlen=512).resolved_seqlen({"n_positions": 1024}) == 512
@@ -88,7 +89,8 @@ def test_config_defaults_validation_and_seqlen():
                        (dict(seqlen=0), "--seqlen must be at least 1, got 0"),
                        (dict(damp=-1.0), "--damp must be a non-negative fraction"),
                        (dict(blocksize=0), "--blocksize must be at least 1, got 0"),
-                       (dict(dtype="int8"), "activation dtype must be one of float32, bfloat16, float16, bf16-mixed, got 'int8'")]:
+                       (dict(dtype="int8"), "activation dtype must be one of auto, float32, bfloat16, float16, bf16-mixed, "
+                                              "got 'int8'")]:
         with pytest.raises(UserError, match=match):
             CalibConfig(**bad)
 
@@ -103,7 +105,26 @@ def test_cli_flags_build_the_config():
     assert calib_config_from_args(p.parse_args([])) == CalibConfig()
     mixed = calib_config_from_args(p.parse_args(["--act-dtype", "bf16-mixed"]))
     assert (mixed.torch_dtype(), mixed.matmul_dtype()) == (torch.float32, torch.bfloat16)
-    assert (CalibConfig().torch_dtype(), CalibConfig().matmul_dtype()) == (torch.float32, None)
+    fp32 = CalibConfig(dtype="float32")
+    assert (fp32.torch_dtype(), fp32.matmul_dtype()) == (torch.float32, None)
+
+
+def test_auto_act_dtype_is_bf16_mixed_only_where_bf16_matmuls_are_native(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
+                                       (False, False, "float32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert default_act_dtype(cpu) == expected
+        assert CalibConfig(device="cpu").dtype == expected
+        assert CalibConfig(device="cpu", dtype="float32").dtype == "float32"  # asked for: kept
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert default_act_dtype(cpu) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert default_act_dtype(torch.device("cuda")) == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert default_act_dtype(torch.device("cuda")) == "float32"
 
 
 def test_device_resolution():

@@ -106,9 +106,10 @@ def _add_fp32(stat, x):
         stat.add(x)
 
 
+@pytest.mark.parametrize("act_dtype", ["float32", "bf16-mixed"])
 @pytest.mark.parametrize("method,sparsity", CASES, ids=[f"{m}-{s}" for m, s in CASES])
-def test_streaming_equals_in_memory_block_by_block(llama_dir, calib_text, tmp_path, method, sparsity):
-    calib = calib_for(calib_text)
+def test_streaming_equals_in_memory_block_by_block(llama_dir, calib_text, tmp_path, method, sparsity, act_dtype):
+    calib = calib_for(calib_text, dtype=act_dtype)
     report = run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib, tmp_path / "out")
     streamed, source = load_dir(tmp_path / "out"), load_dir(llama_dir)
     reference = in_memory_reference(llama_dir, method, sparsity, calib)
@@ -132,7 +133,8 @@ def test_bf16_mixed_equals_the_reference_under_autocast_and_differs_from_fp32(ll
     sparsity = Sparsity(0.5)
     calib = calib_for(calib_text, dtype="bf16-mixed")
     report = run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib, tmp_path / "mixed")
-    run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib_for(calib_text), tmp_path / "fp32")
+    run(llama_dir, PruneConfig(method=method, sparsity=sparsity), calib_for(calib_text, dtype="float32"),
+        tmp_path / "fp32")
     mixed, fp32 = load_dir(tmp_path / "mixed"), load_dir(tmp_path / "fp32")
     reference = in_memory_reference(llama_dir, method, sparsity, calib)
     assert len(reference) == 3 * 7
