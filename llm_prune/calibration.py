@@ -72,7 +72,11 @@ class CalibConfig:
         if self.dtype == "auto":  # resolved here, so reports, resume keys and caches name the real one
             from .runtime import resolve_device
 
-            object.__setattr__(self, "dtype", default_act_dtype(resolve_device(self.device)))
+            try:
+                device = resolve_device(self.device)
+            except UserError:  # refused where a device is used: calibrated runs only
+                device = torch.device("cpu")
+            object.__setattr__(self, "dtype", default_act_dtype(device))
         if self.dtype not in DTYPES and self.dtype not in MIXED:
             raise UserError(f"activation dtype must be one of {', '.join(['auto', *DTYPES, *MIXED])}, "
                             f"got {self.dtype!r}")

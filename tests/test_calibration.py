@@ -118,6 +118,7 @@ def test_auto_act_dtype_is_bf16_mixed_only_where_bf16_matmuls_are_native(monkeyp
         assert default_act_dtype(cpu) == expected
         assert CalibConfig(device="cpu").dtype == expected
         assert CalibConfig(device="cpu", dtype="float32").dtype == "float32"  # asked for: kept
+        assert CalibConfig(device="toaster").dtype == expected  # a bad device is refused where it is used
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert default_act_dtype(cpu) == "float32"
