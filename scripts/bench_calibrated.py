@@ -347,7 +347,7 @@ def cmd_compare(args) -> None:
                                         "--pattern", pattern, "--out", str(out), *common, "--allocation", args.allocation,
                                         "--act-dtype", act_dtype,
                                         *(["--true-sequential"] if args.true_sequential else [])])
-                    core = res["time_s"]
+                    core, act_dtype = res["time_s"], res["calibration"]["activation_dtype"]  # auto, resolved
                 else:
                     res, wall = _timed([args.llmc_python, __file__, "llmc", "--windows", str(windows),
                                         "--method", method, "--pattern", pattern, "--out", str(out), *common,
@@ -367,7 +367,8 @@ def cmd_compare(args) -> None:
                 "perplexity": f"held-out split, {int(ids.numel())} tokens, non-overlapping windows of "
                               f"{args.ppl_seqlen}, first {args.ppl_windows} windows, fp32",
                 "settings": "layer scope, every Linear in the blocks (lm_head and embeddings kept), damp 0.01, "
-                            "blocksize 128" + ("; llm-prune --true-sequential" if args.true_sequential else "")
+                            "blocksize 128; llm-compressor's model in float32, llm-prune's forwards in each row's "
+                            "act_dtype" + ("; llm-prune --true-sequential" if args.true_sequential else "")
                             + (f"; OWL allocation, lambda {OWL_LAMBDA}, M {OWL_M} (llm-compressor: sparsity_profile="
                                "'owl', owl_lmbda, owl_m)" if args.allocation.startswith("owl") else "")
                             + ("; llm-prune --allocation-unclipped" if args.allocation == "owl-unclipped" else ""),
@@ -443,7 +444,7 @@ def main() -> None:
     pr.add_argument("--pattern", required=True, type=pattern_arg)
     pr.add_argument("--out", required=True)
     pr.add_argument("--true-sequential", action="store_true")
-    pr.add_argument("--act-dtype", default="float32")
+    pr.add_argument("--act-dtype", default="auto")
     sub.choices["speed7b"].add_argument("--blocks", type=int, default=1)
     sub.choices["llmc_windows"].add_argument("--out", required=True)
     lc = sub.choices["llmc"]
@@ -461,8 +462,8 @@ def main() -> None:
     cp.add_argument("--ppl-windows", type=int, default=6)
     cp.add_argument("--json", help="also write the result here")
     cp.add_argument("--true-sequential", action="store_true", help="llm-prune solves group by group in a block")
-    cp.add_argument("--act-dtypes", nargs="+", default=["float32"],
-                    help="llm-prune's --act-dtype, one run each (llm-compressor runs in float32)")
+    cp.add_argument("--act-dtypes", nargs="+", default=["auto"],
+                    help="llm-prune's --act-dtype, one run each (default: auto; llm-compressor runs in float32)")
     pp = sub.choices["ppl"]
     pp.add_argument("--dir", required=True)
     pp.add_argument("--ppl-seqlen", type=int, default=512)
