@@ -143,6 +143,10 @@ def format_summary(report: dict, out: Path) -> str:
     rows.append(["all targets", f"{ach['targeted_params']:,}", f"{ach['targeted']:.4f}"])
     rows.append(["all parameters", f"{ach['all_params']:,}", f"{ach['all_parameters']:.4f}"])
     what = f"{report['method']} {report['pattern'] or report['target_sparsity']} ({report['scope']} scope)"
+    cal = report.get("calibration")
+    if cal and "activation_dtype" in cal:  # calibrated: the data and the precision it ran in
+        what = (f"{what[:-1]}; calibration {cal['nsamples']} × {cal['seqlen']} tokens on {cal['device']}, "
+                f"{cal['activation_dtype']})")
     lines = [
         f"pruned {report['source']['name']} with {what}",
         table(rows, ["module", "params", "sparsity"]),

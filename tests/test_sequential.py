@@ -333,3 +333,14 @@ def test_targets_sharing_an_input_share_one_inverse_hessian(llama_dir, calib_tex
     run(llama_dir, PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)), calib, tmp_path / "each")
     assert len(calls) == blocks * (len(LLAMA_GROUPS) + 7)
     assert digest(tmp_path / "shared") == digest(tmp_path / "each") and shared["achieved"]
+
+
+@pytest.mark.parametrize("act_dtype", ["float32", "bf16-mixed"])
+def test_the_summary_names_the_calibration_and_its_precision(llama_dir, calib_text, tmp_path, capsys, act_dtype):
+    from llm_prune.cli import main
+
+    assert main([str(llama_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib_text),
+                 "--nsamples", "6", "--seqlen", "32", "--act-dtype", act_dtype, "--out", str(tmp_path / "o")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == (f"pruned {llama_dir} with wanda 0.5 (layer scope; calibration 6 × 32 tokens on cpu, "
+                      f"{act_dtype})")
