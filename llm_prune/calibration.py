@@ -26,7 +26,7 @@ import torch
 
 from .config import REFERENCE_SEQLEN
 from .errors import UserError
-from .runtime import require
+from .runtime import require, resolve_device
 
 DEFAULT_SOURCE = "embedded"
 MAX_SEQLEN = REFERENCE_SEQLEN  # longer contexts only cost time
@@ -70,8 +70,6 @@ class CalibConfig:
         if self.blocksize < 1:
             raise UserError(f"--blocksize must be at least 1, got {self.blocksize}")
         if self.dtype == "auto":  # resolved here, so reports, resume keys and caches name the real one
-            from .runtime import resolve_device
-
             try:
                 device = resolve_device(self.device)
             except UserError:  # refused where a device is used: calibrated runs only

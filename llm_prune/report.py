@@ -142,11 +142,11 @@ def format_summary(report: dict, out: Path) -> str:
     rows = [[kind, f"{v['params']:,}", f"{v['sparsity']:.4f}"] for kind, v in ach["by_type"].items()]
     rows.append(["all targets", f"{ach['targeted_params']:,}", f"{ach['targeted']:.4f}"])
     rows.append(["all parameters", f"{ach['all_params']:,}", f"{ach['all_parameters']:.4f}"])
-    what = f"{report['method']} {report['pattern'] or report['target_sparsity']} ({report['scope']} scope)"
+    how = f"{report['scope']} scope"
     cal = report.get("calibration")
     if cal and "activation_dtype" in cal:  # calibrated: the data and the precision it ran in
-        what = (f"{what[:-1]}; calibration {cal['nsamples']} × {cal['seqlen']} tokens on {cal['device']}, "
-                f"{cal['activation_dtype']})")
+        how += f"; calibration {cal['nsamples']} × {cal['seqlen']} tokens on {cal['device']}, {cal['activation_dtype']}"
+    what = f"{report['method']} {report['pattern'] or report['target_sparsity']} ({how})"
     lines = [
         f"pruned {report['source']['name']} with {what}",
         table(rows, ["module", "params", "sparsity"]),

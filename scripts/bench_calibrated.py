@@ -340,19 +340,19 @@ def cmd_compare(args) -> None:
     runs = [(tool, dt) for tool in args.tools for dt in (args.act_dtypes if tool == "llm-prune" else ["float32"])]
     for pattern in args.patterns:
         for method in args.methods:
-            for tool, act_dtype in runs:
+            for tool, asked in runs:
                 out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
                 if tool == "llm-prune":
                     res, wall = _timed([sys.executable, __file__, "prune", "--src", str(src), "--method", method,
                                         "--pattern", pattern, "--out", str(out), *common, "--allocation", args.allocation,
-                                        "--act-dtype", act_dtype,
+                                        "--act-dtype", asked,
                                         *(["--true-sequential"] if args.true_sequential else [])])
-                    core, act_dtype = res["time_s"], res["calibration"]["activation_dtype"]  # auto, resolved
+                    core, act_dtype = res["time_s"], res["calibration"]["activation_dtype"]  # "auto" resolved
                 else:
                     res, wall = _timed([args.llmc_python, __file__, "llmc", "--windows", str(windows),
                                         "--method", method, "--pattern", pattern, "--out", str(out), *common,
                                         "--allocation", args.allocation])
-                    core = res["oneshot_s"]
+                    core, act_dtype = res["oneshot_s"], asked
                 rows.append({"tool": tool, "method": method, "pattern": pattern, "allocation": args.allocation,
                              "act_dtype": act_dtype,
                              "ppl": perplexity(out, ids, args.ppl_seqlen, args.ppl_windows),
