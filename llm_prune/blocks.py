@@ -116,9 +116,14 @@ def _cast(t: torch.Tensor, device, dtype) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
 
 
-def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, device, dtype) -> nn.Module:
-    """Fill a meta-device block with its checkpoint tensors (cast to ``dtype``) on ``device``."""
-    state = {arch.block_of(n)[1]: _cast(t, device, dtype) for n, t in tensors.items()}
+def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, device, dtype,
+               matmul: torch.dtype | None = None) -> nn.Module:
+    """Fill a meta-device block with its checkpoint tensors (cast to ``dtype``) on ``device``.
+    ``matmul`` (bf16-mixed): the weights of its matmul layers are stored in that dtype instead,
+    the values autocast would give them at every call, cast once."""
+    matmul_weights = {f"{name}.weight" for name, m in module.named_modules() if _is_matmul(m)} if matmul else set()
+    state = {rel: _cast(t, device, matmul if rel in matmul_weights else dtype)
+             for rel, t in ((arch.block_of(n)[1], t) for n, t in tensors.items())}
     result = module.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise UserError(f"the checkpoint's block holds tensors the model's block does not have: "
@@ -127,6 +132,11 @@ def load_block(module: nn.Module, tensors: dict[str, torch.Tensor], arch: Arch, 
     if missing:
         raise UserError(f"the checkpoint's block lacks {', '.join(missing[:3])}")
     return module.to(device).eval()
+
+
+def _is_matmul(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is an addmm, which autocast casts like a Linear
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *, collect: bool,

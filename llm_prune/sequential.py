@@ -157,7 +157,7 @@ def _owl_shares(run, p: _Pass, blocks: list[Unit], first: bool) -> Shares:
     for unit in tqdm(blocks, desc="owl outlier ratios", unit="block", disable=not run.progress, leave=False):
         tensors = _read_block(reader, unit)
         with torch.no_grad():
-            block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
+            block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype, p.matmul)
             rels = {arch.block_of(n)[1]: n for n in unit.targets}
             observers = Observers(block, list(rels), InputNorms, p.device)
             run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, after_each=observers.end_forward,
@@ -180,7 +180,7 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     inputs (saved before the block counts as done), write its shard, free it."""
     reader, arch = run.reader, run.arch
     tensors = _read_block(reader, unit)
-    block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype)
+    block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype, p.matmul)
     stats = _solve_targets(run, p, block, unit, tensors)
     if unit.block < len(p.blocks) - 1:
         p.x = run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, matmul=p.matmul)
@@ -224,7 +224,8 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
             new, keep = method.solve(tensors[name].to(p.device, torch.float32), stat,
                                      run.sparsity_of(name), weight_in_first=run.arch.weight_in_first, calib=calib)
             mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
-            setattr(block.get_submodule(mod_path), pname, nn.Parameter(new.to(p.device, p.dtype), requires_grad=False))
+            module = block.get_submodule(mod_path)  # (in the dtype the block holds it in: bf16 under bf16-mixed)
+            setattr(module, pname, nn.Parameter(new.to(p.device, getattr(module, pname).dtype), requires_grad=False))
             tensors[name] = stored = new.to(tensors[name].dtype).cpu()
             stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
     return stats

@@ -318,6 +318,29 @@ def test_bf16_mixed_forwards_autocast_the_matmuls_and_keep_statistics_in_fp32():
     torch.testing.assert_close(got.stat("0.weight").H, first.H, rtol=1e-6, atol=1e-7)
 
 
+def test_bf16_mixed_blocks_hold_matmul_weights_in_bf16_and_give_autocast_bits(llama_dir):
+    # Autocast would cast every Linear weight at every call; the block holds the cast once. The
+    # norms stay fp32, and a forward gives the bits of fp32 weights under autocast.
+    from llm_prune.blocks import load_block
+
+    reader, arch = CheckpointReader(llama_dir), ARCHS["llama"]
+    names = [n for n in reader.infos if n.startswith("model.layers.0.")]
+    tensors = reader.read(names)
+    skeletons = [build_skeleton(llama_dir).model for _ in range(2)]  # loading assigns into the skeleton
+    mixed = load_block(skeletons[0].layers[0], tensors, arch, "cpu", torch.float32, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in mixed.named_parameters()}
+    assert dtypes["self_attn.q_proj.weight"] == dtypes["mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["input_layernorm.weight"] == torch.float32
+    plain = load_block(skeletons[1].layers[0], tensors, arch, "cpu", torch.float32)
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    x, pos = torch.randn(1, 8, reader.config["hidden_size"]), torch.arange(8)[None]
+    kw = {"position_ids": pos, "position_embeddings": skeletons[0].rotary_emb(x, pos)}  # rotary buffers are real
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = mixed(x, **kw), plain(x, **kw)
+    a, b = (a[0] if isinstance(a, tuple) else a), (b[0] if isinstance(b, tuple) else b)
+    assert torch.equal(a, b)
+
+
 def test_targets_sharing_an_input_share_one_inverse_hessian(llama_dir, calib_text, tmp_path, monkeypatch):
     # q/k/v see one input, gate/up another: one factorisation per distinct input, per block, and
     # the same bytes as factorising for every target.

@@ -68,6 +68,31 @@ def test_hessian_is_the_running_mean_of_2xxt_in_fp32():
     torch.testing.assert_close(H.H.double(), 2 * X.t() @ X / 42, rtol=1e-5, atol=1e-6)
 
 
+def test_hessian_read_between_updates_stays_symmetric_and_exact():
+    # Each update fills one triangle; reading H mirrors it, and later updates must still land in
+    # both halves (a 2,000-column Hessian: 8 bands per update, the mirror in bands of 1,024 rows).
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(300, 2000, generator=g) for _ in range(3)]
+    H = Hessian(2000)
+    H.add(chunks[0])
+    assert torch.equal(H.H, H.H.t())
+    for c in chunks[1:]:
+        H.add(c)
+    X = torch.cat(chunks).double()
+    assert torch.equal(H.H, H.H.t())
+    torch.testing.assert_close(H.H.double(), 2 * X.t() @ X / 900, rtol=1e-5, atol=1e-5)
+
+
+def test_mirror_copies_the_upper_triangle_in_bands():
+    from llm_prune.methods.sparsegpt import _bands, _mirror_upper
+
+    a = torch.randn(10, 10)
+    expected = a.triu() + a.triu(1).t()
+    _mirror_upper(a, step=3)
+    assert torch.equal(a, expected)
+    assert _bands(100) == [(0, 100)] and _bands(2000) == [(a, min(a + 250, 2000)) for a in range(0, 2000, 250)]
+
+
 def test_dead_inputs_are_pruned_and_the_rest_stays_finite():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(64, 8, generator=g)

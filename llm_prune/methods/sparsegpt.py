@@ -37,12 +37,23 @@ class Hessian:
 
     A running mean rather than a sum keeps the entries of order |x|² however many tokens are
     seen; the scale does not change the solution (dampening is relative to the mean diagonal).
+    Each update computes only the upper triangle, in bands of rows (``_BANDS``: about 0.6× the
+    arithmetic and time of the full product, BENCHMARKS.md); the lower one is filled in when
+    ``H`` is read.
     """
 
     def __init__(self, columns: int, device: torch.device | str | None = None):
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self._acc = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self._upper_only = False  # the lower triangle is stale (updates since the last read)
         self.count = 0
         self._inverse: tuple[float, torch.Tensor] | None = None
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._upper_only:
+            _mirror_upper(self._acc)
+            self._upper_only = False
+        return self._acc
 
     def inverse(self, damp: float) -> torch.Tensor:
         """``inverse_cholesky`` of H with its dead inputs given a unit diagonal, computed once: the
@@ -52,13 +63,38 @@ class Hessian:
         return self._inverse[1]
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self._acc.device, torch.float32)
         total = self.count + x.shape[0]
         if total == 0:
             return
-        self.H.mul_(self.count / total)
-        self.H.addmm_(x.t(), x, alpha=2.0 / total)
+        for a, b in _bands(x.shape[1]):
+            self._acc[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=self.count / total, alpha=2.0 / total)
+        self._upper_only = True
         self.count = total
+        self._inverse = None
+
+
+_BANDS = 8  # bands of rows per update; none narrower than _MIN_BAND rows
+_MIN_BAND = 128
+
+
+def _bands(n: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) covering 0..n: band a:b of the Hessian takes columns a: (the diagonal
+    block and everything right of it), so the bands together hold the upper triangle."""
+    width = max(_MIN_BAND, -(-n // _BANDS))
+    return [(a, min(a + width, n)) for a in range(0, n, width)]
+
+
+def _mirror_upper(a: torch.Tensor, step: int = 1024) -> None:
+    """Copy the upper triangle of square ``a`` onto its lower one, in place, in bands of ``step``
+    rows (no n × n temporary: a 7B down projection's Hessian is 485 MB)."""
+    n = a.shape[0]
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        d = a[i:j, i:j]
+        d.copy_(d.triu() + d.triu(1).t())
+        if j < n:
+            a[j:, i:j] = a[i:j, j:].t()
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
