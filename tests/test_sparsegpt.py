@@ -7,6 +7,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_prune.config import Sparsity
 from llm_prune.errors import UserError
@@ -243,3 +245,21 @@ def test_compiled_column_loop_gives_the_torch_loops_bits(pattern, shape, blocksi
     got, got_keep = sparsegpt_prune(W, H.H, sparsity, blocksize=blocksize, use_kernel=True)
     assert torch.equal(got_keep, ref_keep)
     assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**32 - 1), st.sampled_from([2, 7, 1000]),
+       st.floats(0, 1))
+def test_compiled_block_mask_is_unstructured_keeps(rows, cols, seed, levels, ratio):
+    # The compiled mask of a block is unstructured_keep's, ties included: few distinct values
+    # (levels) make most scores tie, and ±0 are one magnitude.
+    from llm_prune.kernels.sparsegpt import smallest_keep
+    from llm_prune.magnitude import prune_count, unstructured_keep
+
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, levels, (rows, cols), generator=g).float() / levels
+    score[torch.rand(rows, cols, generator=g) < 0.1] = -0.0
+    k = prune_count(score.numel(), ratio)
+    got = smallest_keep(score, k)
+    assert torch.equal(got, unstructured_keep(score, ratio))
+    assert int((~got).sum()) == k
