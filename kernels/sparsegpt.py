@@ -7,10 +7,6 @@ solver's time. Each row's updates touch that row only, so here the loop runs per
 parallel, and every weight goes through the same float32 operations in the same order as the
 torch loop (a product rounded, then subtracted: no fused multiply-add), so the results are
 the same bits; tests compare the two.
-
-``smallest_keep`` chooses an unstructured block's mask (the k smallest scores of the block) in
-three passes of one loop, where ``llm_prune.magnitude.unstructured_keep``'s general machinery
-(tables, merges, tensors of keys) costs several times more on blocks of this size.
 """
 
 from __future__ import annotations
@@ -72,46 +68,3 @@ def _solve_block(W, H, keep, err, n, m):
             W[r, i] = q
             err[r, i] = e
 
-
-def smallest_keep(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask pruning the ``k`` smallest magnitudes of ``score`` (fp32, CPU), ties pruned in
-    row-major order: the mask of ``unstructured_keep`` for the same count, to the bit."""
-    keep = torch.empty(score.shape, dtype=torch.bool)
-    _smallest_keep(score.contiguous().view(torch.int32).numpy().reshape(-1), k, keep.numpy().reshape(-1))
-    return keep
-
-
-@nb.njit(cache=True, nogil=True)
-def _smallest_keep(bits, k, keep):
-    """Radix selection on magnitude keys (sign cleared: ordered like |x|): the high 15 bits' histogram
-    finds the bin of the k-th smallest, the low 16 bits' within that bin the key; then every
-    weight below it is pruned, and the first ``k - below`` equal to it."""
-    n = bits.size
-    if k <= 0 or k >= n:
-        keep[:] = k <= 0
-        return
-    clear = np.int32(0x7FFFFFFF)
-    high = np.zeros(1 << 15, dtype=np.int64)
-    for i in range(n):
-        high[(bits[i] & clear) >> 16] += 1
-    below, hb = 0, 0
-    while below + high[hb] < k:
-        below += high[hb]
-        hb += 1
-    low = np.zeros(1 << 16, dtype=np.int64)
-    for i in range(n):
-        key = bits[i] & clear
-        if key >> 16 == hb:
-            low[key & 0xFFFF] += 1
-    lb = 0
-    while below + low[lb] < k:
-        below += low[lb]
-        lb += 1
-    key_k = (hb << 16) | lb
-    ties = k - below
-    for i in range(n):
-        key = bits[i] & clear
-        keep[i] = key > key_k
-        if key == key_k:  # rare: no branch to mispredict on the others
-            keep[i] = ties <= 0
-            ties -= 1

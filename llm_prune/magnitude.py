@@ -80,6 +80,16 @@ def kernels_for(x: torch.Tensor):
     return K if K.supported(x) else None
 
 
+def select_kernels(score: torch.Tensor):
+    """The compiled k-smallest selections (``kernels/select.py``) when they can take ``score`` (a
+    2-D fp32 CPU tensor), else None: the callers' torch selections give the same masks."""
+    try:
+        from .kernels import select
+    except ImportError:  # numba missing
+        return None
+    return select if select.supported(score) else None
+
+
 # -- keys -------------------------------------------------------------------------------------------
 def magnitude_key(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Integer tensor ordered exactly like ``x.abs()`` (same shape, one pass, no float math)."""

@@ -253,7 +253,7 @@ def test_compiled_column_loop_gives_the_torch_loops_bits(pattern, shape, blocksi
 def test_compiled_block_mask_is_unstructured_keeps(rows, cols, seed, levels, ratio):
     # The compiled mask of a block is unstructured_keep's, ties included: few distinct values
     # (levels) make most scores tie, and ±0 are one magnitude.
-    from llm_prune.kernels.sparsegpt import smallest_keep
+    from llm_prune.kernels.select import smallest_keep
     from llm_prune.magnitude import prune_count, unstructured_keep
 
     g = torch.Generator().manual_seed(seed)

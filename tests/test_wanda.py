@@ -64,14 +64,18 @@ def test_solve_zeroes_pruned_weights_and_keeps_the_rest_bit_for_bit():
 @settings(max_examples=200, deadline=None)
 @given(rows=st.integers(1, 6), cols=st.integers(1, 40), levels=st.integers(1, 6), k=st.integers(0, 40),
        seed=st.integers(0, 2**31 - 1))
-def test_selection_prunes_what_a_stable_sort_prunes(rows, cols, levels, k, seed):
+def test_selections_prune_what_a_stable_sort_prunes(rows, cols, levels, k, seed):
     # Few distinct values: rows full of ties, the case where selection and sort could part.
     from llm_prune.methods.wanda import smallest_per_row
 
     g = torch.Generator().manual_seed(seed)
-    score = torch.randint(0, levels, (rows, cols), generator=g).to(torch.float32) * 0.25
+    score = torch.randint(-levels, levels, (rows, cols), generator=g).to(torch.float32) * 0.25  # any sign
     score[torch.rand(rows, cols, generator=g) < 0.1] = -0.0  # -0.0 ties with 0.0, as in a sort
     k = min(k, cols)
     first_k = torch.sort(score, dim=1, stable=True).indices[:, :k]
     by_sort = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, first_k, True)
     assert torch.equal(smallest_per_row(score, k), by_sort)
+    if 0 < k < cols:  # the compiled kernel row_keep uses: the same mask
+        from llm_prune.kernels.select import row_smallest_keep
+
+        assert torch.equal(row_smallest_keep(score, k), ~by_sort)

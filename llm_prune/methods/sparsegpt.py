@@ -21,7 +21,7 @@ import torch
 
 from ..config import Sparsity
 from ..errors import UserError
-from ..magnitude import nm_keep, prune_count, unstructured_keep
+from ..magnitude import nm_keep, prune_count, select_kernels, unstructured_keep
 from . import Method, register
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
             keep1 = torch.ones_like(W1, dtype=torch.bool)  # chosen group by group inside the loop
         else:
             score, ratio = W1.square() / d.square(), _block_ratio(sparsity, rows, cols, i1, i2)
-            keep1 = (kernel.smallest_keep(score, prune_count(score.numel(), ratio)) if kernel is not None
+            select = select_kernels(score) if use_kernel else None
+            keep1 = (select.smallest_keep(score, prune_count(score.numel(), ratio)) if select is not None
                      else unstructured_keep(score, ratio))
         if kernel is not None:
             kernel.solve_block_(W1, Hinv1, keep1, err1, *((sparsity.n, sparsity.m) if sparsity.is_nm else (0, 0)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Sparsity
-from ..magnitude import nm_keep, prune_count
+from ..magnitude import nm_keep, prune_count, select_kernels
 from . import Method, register
 
 
@@ -58,7 +58,9 @@ def row_keep(score: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
         return nm_keep(score, sparsity.n, sparsity.m)
     if sparsity.count is not None:
         return _exact_row_keep(score, sparsity.count)
-    return ~smallest_per_row(score, prune_count(score.shape[1], sparsity.ratio))
+    k = prune_count(score.shape[1], sparsity.ratio)
+    select = select_kernels(score) if 0 < k < score.shape[1] else None
+    return select.row_smallest_keep(score, k) if select is not None else ~smallest_per_row(score, k)
 
 
 def smallest_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
