@@ -1,11 +1,12 @@
-"""Wanda's and RIA's per-row choice: a stable sort (the reference code's way) against selection.
+"""Wanda's and RIA's per-row choice: a stable sort (the reference code's way) against selections.
 
     python scripts/bench_row_select.py --rounds 5 --threads 2 --json benchmarks/row-select.json
 
 For each shape (SmolLM2-135M's attention, MLP and down projection; Llama-2-7B's), random
 Wanda-like scores (|normal| times a per-column norm), half of each row pruned: the time of the
-first k of ``torch.sort(stable=True)`` against ``llm_prune.methods.wanda.smallest_per_row``,
-alternating, median of ``--rounds``, and whether the two masks are equal (they must be).
+first k of ``torch.sort(stable=True)``, torch's selection ``llm_prune.methods.wanda.smallest_per_row``
+and the compiled one ``row_keep`` uses (``llm_prune.kernels.select.row_smallest_keep``), in
+rotating order, median of ``--rounds``, and whether the masks are equal (they must be).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from llm_prune.kernels.select import row_smallest_keep
 from llm_prune.methods.wanda import smallest_per_row
 
 SHAPES = {"smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up": (1536, 576),
@@ -27,6 +29,10 @@ SHAPES = {"smollm2 q/o": (576, 576), "smollm2 k/v": (192, 576), "smollm2 gate/up
 def by_sort(score: torch.Tensor, k: int) -> torch.Tensor:
     first = torch.sort(score, dim=1, stable=True).indices[:, :k]
     return torch.zeros_like(score, dtype=torch.bool).scatter_(1, first, True)
+
+
+def compiled(score: torch.Tensor, k: int) -> torch.Tensor:
+    return ~row_smallest_keep(score, k)
 
 
 def timed(fn, *args) -> tuple[float, torch.Tensor]:
@@ -49,17 +55,19 @@ def main() -> None:
         shape = SHAPES[name]
         score = torch.randn(shape, generator=g).abs() * torch.rand(shape[1], generator=g)
         k = shape[1] // 2
-        times, masks = {"sort": [], "select": []}, {}
-        by_sort(score, k), smallest_per_row(score, k)  # warm-up: first calls allocate and dispatch
+        fns = [("sort", by_sort), ("select", smallest_per_row), ("compiled", compiled)]
+        times, masks = {label: [] for label, _ in fns}, {}
+        for _, fn in fns:
+            fn(score, k)  # warm-up: first calls allocate, dispatch and load the kernel
         for r in range(args.rounds):
-            order = [("sort", by_sort), ("select", smallest_per_row)]
-            for label, fn in order if r % 2 == 0 else order[::-1]:
+            for label, fn in fns[r % 3:] + fns[:r % 3]:
                 dt, masks[label] = timed(fn, score, k)
                 times[label].append(dt)
         row = {"shape": name, "rows": shape[0], "cols": shape[1], "threads": args.threads,
-               "sort_s": statistics.median(times["sort"]), "select_s": statistics.median(times["select"]),
-               "equal": bool(torch.equal(masks["sort"], masks["select"]))}
+               **{f"{label}_s": statistics.median(times[label]) for label, _ in fns},
+               "equal": all(torch.equal(masks["sort"], m) for m in masks.values())}
         row["ratio"] = row["select_s"] / row["sort_s"]
+        row["compiled_ratio"] = row["compiled_s"] / row["select_s"]
         rows.append(row)
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     if args.json:
