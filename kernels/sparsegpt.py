@@ -67,4 +67,3 @@ def _solve_block(W, H, keep, err, n, m):
             _sub_scaled(W[r, i:], H[i, i:], e)
             W[r, i] = q
             err[r, i] = e
-
