@@ -70,9 +70,13 @@ def main() -> None:
                "masks_equal": bool(torch.equal(unstructured_keep(score, 0.5), smallest_keep(score, k)))}
         rows.append(row)
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "rows": rows}, f, indent=1)
+    save(args.json, args.rounds, rows)
+
+
+def save(path: str | None, rounds: int, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rounds": rounds, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

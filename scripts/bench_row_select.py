@@ -6,17 +6,16 @@ For each shape (SmolLM2-135M's attention, MLP and down projection; Llama-2-7B's)
 Wanda-like scores (|normal| times a per-column norm), half of each row pruned: the time of the
 first k of ``torch.sort(stable=True)``, torch's selection ``llm_prune.methods.wanda.smallest_per_row``
 and the compiled one ``row_keep`` uses (``llm_prune.kernels.select.row_smallest_keep``), in
-rotating order, median of ``--rounds``, and whether the masks are equal (they must be).
+rotating order after a warm-up, median of ``--rounds``, and whether the masks are equal (they must be).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from bench_hessian import median_times, save  # (scripts/ is on the path when run as a script)
 
 from llm_prune.kernels.select import row_smallest_keep
 from llm_prune.methods.wanda import smallest_per_row
@@ -35,12 +34,6 @@ def compiled(score: torch.Tensor, k: int) -> torch.Tensor:
     return ~row_smallest_keep(score, k)
 
 
-def timed(fn, *args) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t0, out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -55,24 +48,17 @@ def main() -> None:
         shape = SHAPES[name]
         score = torch.randn(shape, generator=g).abs() * torch.rand(shape[1], generator=g)
         k = shape[1] // 2
-        fns = [("sort", by_sort), ("select", smallest_per_row), ("compiled", compiled)]
-        times, masks = {label: [] for label, _ in fns}, {}
-        for _, fn in fns:
-            fn(score, k)  # warm-up: first calls allocate, dispatch and load the kernel
-        for r in range(args.rounds):
-            for label, fn in fns[r % 3:] + fns[:r % 3]:
-                dt, masks[label] = timed(fn, score, k)
-                times[label].append(dt)
+        fns = {"sort": by_sort, "select": smallest_per_row, "compiled": compiled}
+        times = median_times({label: lambda fn=fn: fn(score, k) for label, fn in fns.items()}, args.rounds)
+        masks = [fn(score, k) for fn in fns.values()]
         row = {"shape": name, "rows": shape[0], "cols": shape[1], "threads": args.threads,
-               **{f"{label}_s": statistics.median(times[label]) for label, _ in fns},
-               "equal": all(torch.equal(masks["sort"], m) for m in masks.values())}
+               **{f"{label}_s": t for label, t in times.items()},
+               "equal": all(torch.equal(masks[0], m) for m in masks[1:])}
         row["ratio"] = row["select_s"] / row["sort_s"]
         row["compiled_ratio"] = row["compiled_s"] / row["select_s"]
         rows.append(row)
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "rows": rows}, f, indent=1)
+    save(args.json, args.rounds, rows)
 
 
 if __name__ == "__main__":
