@@ -223,8 +223,10 @@ def _prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
                       scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude),
                       permute=args.permute, **allocation_kwargs(args))
-    get_method(cfg.method).check(cfg)  # a combination the method refuses, before any other work
-    calib = calib_config_from_args(args)
+    method = get_method(cfg.method)
+    method.check(cfg)  # a combination the method refuses, before any other work
+    # only calibrated methods resolve --act-dtype auto (it probes the device: CUDA's start-up cost)
+    calib = calib_config_from_args(args) if method.needs_calibration else None
     if args.no_save and args.save_mask:
         raise UserError("--save-mask writes the masks beside an export; --no-save writes none (drop one of them)")
     if args.no_save and not args.eval:

@@ -136,3 +136,19 @@ def test_device_resolution():
         assert resolve_device(None) == torch.device("cpu")
         with pytest.raises(UserError, match="sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_only_calibrated_runs_probe_the_device_for_auto(monkeypatch, tiny_llama, tmp_path):
+    # Resolving --act-dtype auto asks torch about the device (on a CUDA machine, the driver's
+    # start-up); a data-free OMP run never needs it.
+    import llm_prune.calibration as calibration
+    from llm_prune.cli import main
+
+    def probe(name=None):
+        raise AssertionError("the device was probed")
+
+    monkeypatch.setattr(calibration, "resolve_device", probe)
+    assert main([str(tiny_llama), "--sparsity", "0.5", "--out", str(tmp_path / "omp"), "--quiet"]) == 0
+    with pytest.raises(AssertionError, match="probed"):
+        main([str(tiny_llama), "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "w"), "--quiet"])
+    assert not (tmp_path / "w").exists()
