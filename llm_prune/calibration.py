@@ -260,7 +260,11 @@ def add_calibration_arguments(parser) -> None:
                    help="keep calibration activations in CPU memory while blocks run on the GPU")
 
 
-def calib_config_from_args(args) -> CalibConfig:
+def calib_config_from_args(args, *, needed: bool = True) -> CalibConfig | None:
+    """The calibration settings of a command line; None when its method takes no calibration data
+    (``needed`` False): ``auto`` is then never resolved, which probes the device (CUDA's start-up)."""
+    if not needed:
+        return None
     return CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                        device=args.device, damp=args.damp, blocksize=args.blocksize, dtype=args.act_dtype,
                        offload=args.offload_activations, true_sequential=args.true_sequential)

@@ -225,8 +225,7 @@ def _prune(args: argparse.Namespace) -> int:
                       permute=args.permute, **allocation_kwargs(args))
     method = get_method(cfg.method)
     method.check(cfg)  # a combination the method refuses, before any other work
-    # only calibrated methods resolve --act-dtype auto (it probes the device: CUDA's start-up cost)
-    calib = calib_config_from_args(args) if method.needs_calibration else None
+    calib = calib_config_from_args(args, needed=method.needs_calibration)
     if args.no_save and args.save_mask:
         raise UserError("--save-mask writes the masks beside an export; --no-save writes none (drop one of them)")
     if args.no_save and not args.eval:

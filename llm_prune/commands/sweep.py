@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import allocation_kwargs
     from ..errors import UserError
     from ..eval import cli as eval_cli
+    from ..methods import get_method
     from ..models import resolve_model
     from ..study.output import Output
     from ..study.sweep import SweepConfig, run_sweep
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune and args.allocation != "uniform":
         raise UserError("--allocation shares sparsity out for --eval sweeps; --finetune prunes uniformly (drop one)")
     finetune = config_from_args(args, task=args.finetune, sparsity=levels[0]) if args.finetune else None
+    # fine-tuning sweeps (lth among them) prune by magnitude: no calibration
+    calib = calib_config_from_args(args, needed=not finetune and get_method(args.method).needs_calibration)
     tasks = (finetune.task.rstrip("/").split("/")[-1],) if finetune else tuple(eval_cli.parse_tasks(args.eval))
     cfg = SweepConfig(method=args.method, scope=args.scope, levels=levels, targets=tuple(args.targets),
                       exclude=tuple(args.exclude), tasks=tasks, epsilon_points=args.epsilon,
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     out = Output(args.out or default_out(args.model, f"sweep-{what}"),
                  overwrite=args.overwrite, resume=args.resume)
     try:
-        payload, knees = run_sweep(src, cfg, settings, out, calib=calib_config_from_args(args), finetune=finetune,
+        payload, knees = run_sweep(src, cfg, settings, out, calib=calib, finetune=finetune,
                                    progress=not args.quiet, source_name=args.model)
         draw(out, payload, knees)
         out.write_text("sweep.csv", to_csv(payload))
