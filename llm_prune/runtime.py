@@ -48,6 +48,7 @@ def hub_reachable() -> bool:
 OPTIONAL = {
     "lm_eval": ("lm-eval", "eval"),
     "datasets": ("datasets", "eval"),
+    "pyarrow": ("pyarrow", "eval"),  # installed with datasets
     "gguf": ("gguf", "gguf"),
     "matplotlib": ("matplotlib", "plot"),
     "bitsandbytes": ("bitsandbytes", "quant"),

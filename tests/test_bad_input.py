@@ -305,12 +305,12 @@ def test_missing_optional_packages_name_their_extra(capsys, tiny_llama, tmp_path
 
     add_tokenizer(tiny_llama)  # calibration needs one; built before datasets goes missing
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("lm_eval", "datasets")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("lm_eval", "datasets", "pyarrow")
                         else real(name, *a))
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--eval", "ppl", "--out", tmp_path / "o")
     assert code == 2 and err.endswith("evaluation needs lm-eval: pip install 'llm-prune[eval]'")
     code, err = run_cli(capsys, tiny_llama, "--sparsity", "0.5", "--method", "wanda", "--out", tmp_path / "o")
-    assert code == 2 and "the embedded calibration text needs datasets: pip install 'llm-prune[eval]'" in err
+    assert code == 2 and "the embedded calibration text needs pyarrow: pip install 'llm-prune[eval]'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]
 
 

