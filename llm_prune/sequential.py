@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from .allocation import Shares, allocate, outlier_ratio, target_blocks
 from .blocks import Observers, build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
-from .calibration import CalibConfig, calibration_windows
+from .calib_cache import cached_windows
+from .calibration import CalibConfig
 from .errors import UserError
 from .magnitude import all_finite
 from .methods import get_method
 from .methods.wanda import InputNorms, wanda_scores
 from .reader import Unit
-from .runtime import load_tokenizer, resolve_device
+from .runtime import resolve_device
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def prune_sequential(run) -> dict:
 def _start(run, p: _Pass, seqlen: int) -> dict:
     """Calibration windows -> the skeleton -> block 0's inputs and kwargs; returns what to report."""
     reader = run.reader
-    windows, info = calibration_windows(run.calib, load_tokenizer(reader.path, "calibration"), seqlen)
+    windows, info = cached_windows(run.calib, reader.path, seqlen)
     vocab = reader.config.get("vocab_size")
     if vocab and int(windows.max()) >= vocab:
         raise UserError(f"the tokenizer in {reader.path} produces ids up to {int(windows.max())}, "

@@ -212,14 +212,16 @@ def cmd_speed7b(args) -> None:
 
 
 def cmd_llmc_windows(args) -> None:
-    """Write our calibration windows to a file, so llm-compressor calibrates on the same tokens."""
-    from llm_prune.calibration import CalibConfig, calibration_windows
-    from llm_prune.runtime import load_tokenizer
+    """Write our calibration windows to a file, so llm-compressor calibrates on the same tokens.
+    Through llm-prune's window cache: the timed llm-prune runs then start from these tokens too,
+    as llm-compressor does (neither tool's time includes tokenizing the text)."""
+    from llm_prune.calib_cache import cached_windows
+    from llm_prune.calibration import CalibConfig
     from llm_prune.models import resolve_model
 
     src = resolve_model("smollm2-135m")
-    windows, _ = calibration_windows(CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
-                                     load_tokenizer(src, "calibration"), args.seqlen)
+    windows, _ = cached_windows(CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed), src,
+                                args.seqlen)
     torch.save({"src": str(src), "windows": windows}, args.out)
 
 

@@ -301,6 +301,8 @@ def test_read_only_output_location(capsys, tiny_llama, tmp_path):
 def test_missing_optional_packages_name_their_extra(capsys, tiny_llama, tmp_path, monkeypatch):
     import importlib.util
 
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))  # no cached windows
+
     from .helpers import add_tokenizer
 
     add_tokenizer(tiny_llama)  # calibration needs one; built before datasets goes missing
