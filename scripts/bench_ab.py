@@ -11,8 +11,9 @@ code and this checkout are each put on PYTHONPATH through a small tree of links 
 
 Cases: ``import`` (``import llm_prune``), ``startup`` (``llm-prune --version``: the CLI with its
 imports), ``export tiny`` (OMP 0.5 of a 2-block Llama of 40 kB: the whole process is the
-start-up up to the first block, plus nothing), and SmolLM2 exports (OMP layer 0.5, global 0.4,
-2:4) into a scratch directory.
+start-up up to the first block, plus nothing), SmolLM2 exports (OMP layer 0.5, global 0.4,
+2:4) into a scratch directory, and a small calibrated run (Wanda, 4 windows of 128 tokens: mostly
+start-up), with the calibration windows cached by an earlier run and with them removed first.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretr
 
 
 def cases(out: Path) -> dict[str, list[str]]:
+    from llm_prune.paths import cache_dir
+
     export = [sys.executable, "-m", "llm_prune", "smollm2-135m", "--quiet", "--overwrite", "--out", str(out / "x")]
+    wanda = ["--method", "wanda", "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "128"]
+    windows = cache_dir() / "calibration"  # the window cache, emptied before the "no cached windows" case
     if not (out / "tiny").is_dir():
         subprocess.run([sys.executable, "-c", TINY, str(out / "tiny")], check=True)
     return {
@@ -52,6 +57,8 @@ def cases(out: Path) -> dict[str, list[str]]:
         "export omp 0.5": [*export, "--method", "omp", "--sparsity", "0.5"],
         "export omp 0.4 global": [*export, "--method", "omp", "--sparsity", "0.4", "--scope", "global"],
         "export omp 2:4": [*export, "--method", "omp", "--pattern", "2:4"],
+        "wanda 4x128": [*export, *wanda],
+        "wanda 4x128 no cached windows": ["sh", "-c", f'rm -rf "{windows}" && exec "$0" "$@"', *export, *wanda],
     }
 
 

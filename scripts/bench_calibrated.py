@@ -242,7 +242,7 @@ def cmd_llmc(args) -> None:
     common = {"sparsity": ratio or 0.5, "mask_structure": nm or "0:0", "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
     make = ((lambda **kw: SparseGPTModifier(block_size=128, dampening_frac=0.01, **kw)) if args.method == "sparsegpt"
             else WandaPruningModifier)
-    model = AutoModelForCausalLM.from_pretrained(saved["src"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(saved["src"], dtype=getattr(torch, args.llmc_dtype))
     t0 = time.perf_counter()
     if args.allocation.startswith("owl"):  # its OWL has one way, the reference's shift
         common.update(_llmc_owl_sparsities(model, make, common["sparsity"], windows))
@@ -339,7 +339,7 @@ def cmd_compare(args) -> None:
     rows = [{"tool": "-", "method": "dense", "pattern": "-",
              "ppl": perplexity(src, ids, args.ppl_seqlen, args.ppl_windows)}]
     print(json.dumps(rows[-1]), flush=True)
-    runs = [(tool, dt) for tool in args.tools for dt in (args.act_dtypes if tool == "llm-prune" else ["float32"])]
+    runs = [(tool, dt) for tool in args.tools for dt in (args.act_dtypes if tool == "llm-prune" else [args.llmc_dtype])]
     for pattern in args.patterns:
         for method in args.methods:
             for tool, asked in runs:
@@ -353,7 +353,7 @@ def cmd_compare(args) -> None:
                 else:
                     res, wall = _timed([args.llmc_python, __file__, "llmc", "--windows", str(windows),
                                         "--method", method, "--pattern", pattern, "--out", str(out), *common,
-                                        "--allocation", args.allocation])
+                                        "--allocation", args.allocation, "--llmc-dtype", args.llmc_dtype])
                     core, act_dtype = res["oneshot_s"], asked
                 rows.append({"tool": tool, "method": method, "pattern": pattern, "allocation": args.allocation,
                              "act_dtype": act_dtype,
@@ -369,7 +369,7 @@ def cmd_compare(args) -> None:
                 "perplexity": f"held-out split, {int(ids.numel())} tokens, non-overlapping windows of "
                               f"{args.ppl_seqlen}, first {args.ppl_windows} windows, fp32",
                 "settings": "layer scope, every Linear in the blocks (lm_head and embeddings kept), damp 0.01, "
-                            "blocksize 128; llm-compressor's model in float32, llm-prune's forwards in each row's "
+                            f"blocksize 128; llm-compressor's model in {args.llmc_dtype}, llm-prune's forwards in each row's "
                             "act_dtype" + ("; llm-prune --true-sequential" if args.true_sequential else "")
                             + (f"; OWL allocation, lambda {OWL_LAMBDA}, M {OWL_M} (llm-compressor: sparsity_profile="
                                "'owl', owl_lmbda, owl_m)" if args.allocation.startswith("owl") else "")
@@ -454,6 +454,9 @@ def main() -> None:
     lc.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
     lc.add_argument("--pattern", required=True, type=pattern_arg)
     lc.add_argument("--out", required=True)
+    for name in ("llmc", "compare"):
+        sub.choices[name].add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],
+                                       help="the dtype llm-compressor's model is loaded in (default: float32)")
     cp = sub.choices["compare"]
     cp.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
     cp.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"], type=pattern_arg)
