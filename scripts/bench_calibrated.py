@@ -6,6 +6,10 @@
     python scripts/bench_calibrated.py compare --patterns 0.5 0.6 0.7 --allocation owl --json benchmarks/owl-vs-llmc.json
     python scripts/bench_calibrated.py compare --patterns 0.5 0.6 0.7 --allocation owl-unclipped --tools llm-prune
 
+``compare`` loads llm-compressor's model in the precision of our block forwards (``--llmc-dtype
+auto``: bfloat16 beside our bf16-mixed, float32 beside float32), so that the times compare like for
+like; before session 17 it was always float32, which flattered our bf16-mixed runs.
+
 ``--allocation owl-unclipped`` gives ours ``--allocation-unclipped`` (OWL's reference shift, which
 may leave the band, as llm-compressor's OWL does); llm-compressor runs its OWL either way.
 
@@ -339,6 +343,11 @@ def cmd_compare(args) -> None:
     rows = [{"tool": "-", "method": "dense", "pattern": "-",
              "ppl": perplexity(src, ids, args.ppl_seqlen, args.ppl_windows)}]
     print(json.dumps(rows[-1]), flush=True)
+    if args.llmc_dtype == "auto":  # llm-compressor in the precision of our forwards: a like-for-like time
+        from llm_prune.calibration import CalibConfig
+
+        ours = {CalibConfig(dtype=dt).dtype for dt in args.act_dtypes}
+        args.llmc_dtype = "float32" if ours == {"float32"} else "bfloat16"
     runs = [(tool, dt) for tool in args.tools for dt in (args.act_dtypes if tool == "llm-prune" else [args.llmc_dtype])]
     for pattern in args.patterns:
         for method in args.methods:
@@ -454,9 +463,12 @@ def main() -> None:
     lc.add_argument("--method", required=True, choices=["sparsegpt", "wanda"])
     lc.add_argument("--pattern", required=True, type=pattern_arg)
     lc.add_argument("--out", required=True)
-    for name in ("llmc", "compare"):
-        sub.choices[name].add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],
-                                       help="the dtype llm-compressor's model is loaded in (default: float32)")
+    lc.add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype llm-compressor's model is loaded in")
+    sub.choices["compare"].add_argument(
+        "--llmc-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+        help="the dtype llm-compressor's model is loaded in (default: auto, bfloat16 when any of llm-prune's "
+             "--act-dtypes resolves to a bf16 kind, else float32: like for like)")
     cp = sub.choices["compare"]
     cp.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
     cp.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"], type=pattern_arg)
@@ -468,7 +480,7 @@ def main() -> None:
     cp.add_argument("--json", help="also write the result here")
     cp.add_argument("--true-sequential", action="store_true", help="llm-prune solves group by group in a block")
     cp.add_argument("--act-dtypes", nargs="+", default=["auto"],
-                    help="llm-prune's --act-dtype, one run each (default: auto; llm-compressor runs in float32)")
+                    help="llm-prune's --act-dtype, one run each (default: auto; llm-compressor's dtype: --llmc-dtype)")
     pp = sub.choices["ppl"]
     pp.add_argument("--dir", required=True)
     pp.add_argument("--ppl-seqlen", type=int, default=512)
