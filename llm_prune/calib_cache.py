@@ -1,8 +1,8 @@
 """Calibration token windows, cached by everything that decides them.
 
 Tokenizing the calibration text is the same work every time a model is calibrated with the same
-settings (a sweep over sparsities, a resumed run, a second method): loading the tokenizer, the
-text and tokenizing it took 1-2 s of a SmolLM2 run's start (BENCHMARKS.md). The windows are kept
+settings (a sweep over sparsities, a resumed run, a second method): loading the tokenizer and
+the text and tokenizing it took 0.85 s of a small SmolLM2 run (BENCHMARKS.md). The windows are kept
 under ``cache_dir()/calibration/<key>.safetensors`` (2 MB for 128 windows of 2,048 tokens),
 keyed by:
 
