@@ -23,13 +23,12 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from .calibration import DEFAULT_SOURCE, calibration_windows, embedded_dir, local_files
-from .paths import cache_dir
+from .paths import atomic_save_tensors, cache_dir
 from .reader import WEIGHT_SUFFIXES
 from .runtime import load_tokenizer
 
@@ -119,16 +118,7 @@ def _read(path: Path, nsamples: int, seqlen: int) -> tuple[torch.Tensor, dict] |
 
 
 def _write(path: Path, windows: torch.Tensor, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"windows": windows.contiguous()}, str(tmp), metadata={"info": json.dumps(info)})
-        os.replace(tmp, path)  # readers see the whole entry or none
+        atomic_save_tensors(path, {"windows": windows.contiguous()}, {"info": json.dumps(info)})
     except OSError as e:
         log.warning("could not cache the calibration windows in %s (%s)", path.parent, e)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # its folder could not be made either
-            pass

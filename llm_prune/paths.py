@@ -47,6 +47,22 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()  # at import, before any thread could create files meanwhile
 
 
+def atomic_save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` as a safetensors file at ``path``, written whole or not at all (as
+    ``atomic_write_text``): the caches' and fine-tuning's small tensor files."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file(path, ".tmp")
+    os.close(fd)  # save_file writes by name
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def temp_file(final: Path, suffix: str) -> tuple[int, str]:
     """A new temporary file beside ``final`` (to be renamed over it), with the permissions a plain
     ``open`` would give it: ``mkstemp`` makes files only their owner can read, and a renamed

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..config import PruneConfig, Sparsity
 from ..errors import UserError
-from ..paths import atomic_write_text, cache_dir
+from ..paths import atomic_save_tensors, atomic_write_text, cache_dir
 from .tasks import Task, load_task
 from .train import TrainConfig, binomial_stderr, check_model_for_task, finetune, load_classifier
 
@@ -124,12 +124,7 @@ def _save_dense_state(path: Path, model) -> None:
 
 def save_state(path: Path, model) -> None:
     """``model``'s state dict as a safetensors file at ``path``, written whole or not at all."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({n: t.detach().cpu().clone() for n, t in model.state_dict().items()}, tmp)  # clones: no shared storage
-    os.replace(tmp, path)
+    atomic_save_tensors(path, {n: t.detach().cpu().clone() for n, t in model.state_dict().items()})  # clones: no shared storage
 
 
 def dense_weights(path: Path):

@@ -18,17 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors, save_file
+from safetensors.torch import load as load_safetensors
 from tqdm.auto import tqdm
 
 from ..fingerprint import SourceHasher, checkpoint_fingerprint, file_sha256, known_sha256
 from ..magnitude import KeyTable, bucket_table, deal_ties, key_table, quantile_keys, table_threshold
-from ..paths import atomic_write_text, cache_dir
+from ..paths import atomic_save_tensors, atomic_write_text, cache_dir
 from .decode import DenseSource
 
 TABLES_VERSION = "2"
@@ -146,11 +145,8 @@ def _write_tables(path: Path, tables: dict[str, KeyTable]) -> None:
         tensors[f"{name}/keys"], tensors[f"{name}/counts"] = t.keys.contiguous(), t.counts.contiguous()
         meta[name] = [t.wide, t.numel]
     quantiles = {n: quantile_keys(t) for n, t in tables.items()}  # every 1%, for people and exports
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"version": TABLES_VERSION, "tables": json.dumps(meta),
-                                           "quantile_keys": json.dumps(quantiles)})
-    os.replace(tmp, path)
+    atomic_save_tensors(path, tensors, {"version": TABLES_VERSION, "tables": json.dumps(meta),
+                                        "quantile_keys": json.dumps(quantiles)})
 
 
 def _read_json(path: Path) -> dict:

@@ -167,6 +167,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
     Hinv = hinv.to(W.device)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     kernel = _kernel(W) if use_kernel else None
+    select = select_kernels(W) if use_kernel and not sparsity.is_nm else None  # the block masks' selection
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -177,7 +178,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
             keep1 = torch.ones_like(W1, dtype=torch.bool)  # chosen group by group inside the loop
         else:
             score, ratio = W1.square() / d.square(), _block_ratio(sparsity, rows, cols, i1, i2)
-            select = select_kernels(score) if use_kernel else None
             keep1 = (select.smallest_keep(score, prune_count(score.numel(), ratio)) if select is not None
                      else unstructured_keep(score, ratio))
         if kernel is not None:
