@@ -48,12 +48,14 @@ class PruneState:
 
 
 class LoadPruner:
-    """``prepare()`` once in the reading thread, then ``pruner(name, mapped tensor)`` -> pruned copy."""
+    """``prepare()`` once in the reading thread, then ``pruner(name, mapped tensor)`` -> pruned copy
+    (in memory from ``empty(shape, dtype)``)."""
 
     def __init__(self, source: DenseSource, method: Method, state: PruneState, progress: bool,
-                 saver: ThreadPoolExecutor | None = None, units: list | None = None):
+                 saver: ThreadPoolExecutor | None = None, units: list | None = None, empty=torch.empty):
         self.source, self.method, self.state, self.units = source, method, state, units
         self.progress, self.saver = progress, saver
+        self.empty = empty  # where the pruned copies go: ``memory.PageArena().empty`` when the model keeps them
         self.thresholds: dict[str, tuple[int, int]] = {}
 
     def prepare(self) -> None:
@@ -74,7 +76,7 @@ class LoadPruner:
         # the model's own: the weights cross memory once, and the file is never written.
         cfg, state = self.state.config, self.state
         sparsity = cfg.sparsity if state.shares is None else state.shares.sparsity(name)
-        out = torch.empty(src.shape, dtype=src.dtype)
+        out = self.empty(src.shape, dtype=src.dtype)
         try:
             threshold = self.thresholds.get(name)
             if threshold is None and self.method.nested and not cfg.sparsity.is_nm:
