@@ -13,7 +13,6 @@ transformers load.
 
     decode.py     stored formats -> dense tensors (Decoder registry, DenseSource)
     prune.py      pruning while loading, and what it records for set_sparsity
-    memory.py     the memory pruned weights are written into (huge pages where offered)
     keytables.py  per-tensor key tables, cached under the checkpoint's content hash
     build.py      the model, filled tensor by tensor (hf.py: transformers' private API, in one place)
     sparsity.py   set_sparsity
@@ -24,8 +23,6 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from ..arch import arch_for
 from ..config import DEFAULT_TARGETS, PruneConfig, Sparsity
 from ..errors import UserError
@@ -33,9 +30,8 @@ from ..methods import get_method
 from ..models import resolve_model
 from ..reader import CheckpointReader
 from ..targets import select_targets, target_order
-from .build import Placement, materialize, resolve_dtype
+from .build import Placement, materialize
 from .decode import DECODERS, Decoder, DenseSource, register_decoder
-from .memory import PageArena
 from .prune import LoadPruner, PruneState
 from .sparsity import prune_state, remember, set_sparsity
 
@@ -75,12 +71,9 @@ def from_pretrained(name_or_path: str | os.PathLike, method: str = "omp", sparsi
     order = target_order(units)
     state = PruneState(cfg, arch.weight_in_first, source.infos[order[0]].dtype, order)
     where = Placement(dtype, device_map, max_memory, offload_folder)
-    arena = PageArena() if device_map is None else None
-    # The pruned copies are the model's own weights when they stay on the CPU in their dtype.
-    kept = arena is not None and resolve_dtype(dtype, source.reader.config, source) == state.prune_dtype
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-hash") as saver:  # waited for at the end
-        prune = LoadPruner(source, pruner, state, progress, saver, units, arena.empty if kept else torch.empty)
-        model, names = materialize(source, where, {n: prune for n in order}, progress, prune.prepare, arena)
+        prune = LoadPruner(source, pruner, state, progress, saver, units)
+        model, names = materialize(source, where, {n: prune for n in order}, progress, prune.prepare)
     remember(model, state.renamed(names))
     return model
 
@@ -89,5 +82,4 @@ def load(path: str | os.PathLike, dtype=None, device_map=None, *, max_memory: di
          offload_folder: str | os.PathLike | None = None, allow_pickle: bool = False, progress: bool = True):
     """Any checkpoint directory (or known model name) as a transformers model, read tensor by tensor."""
     source = DenseSource(CheckpointReader(resolve_model(str(path)), allow_pickle=allow_pickle))
-    arena = PageArena() if device_map is None else None
-    return materialize(source, Placement(dtype, device_map, max_memory, offload_folder), {}, progress, arena=arena)[0]
+    return materialize(source, Placement(dtype, device_map, max_memory, offload_folder), {}, progress)[0]

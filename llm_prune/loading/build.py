@@ -23,7 +23,6 @@ from ..errors import UserError
 from ..kernels.magnitude import set_threads
 from . import hf
 from .decode import DenseSource
-from .memory import PageArena
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,13 @@ class Placement:
 
 
 def materialize(source: DenseSource, where: Placement, transforms: dict[str, Transform], progress: bool,
-                prepare: Callable[[], None] | None = None, arena: PageArena | None = None):
+                prepare: Callable[[], None] | None = None):
     """Empty model -> each tensor read, transformed (pruned), cast and placed -> ties -> dispatch.
 
     ``prepare`` runs first in the reading thread (global scope's table pass). Transforms get
-    tensors mapped from the file and return new ones. Casts go into ``arena`` (everything on the
-    CPU). Returns the model and the map checkpoint name -> model parameter name."""
-    dtype = resolve_dtype(where.dtype, source.reader.config, source)
+    tensors mapped from the file and return new ones. Returns the model and the map checkpoint
+    name -> model parameter name."""
+    dtype = _resolve_dtype(where.dtype, source.reader.config, source)
     # Tensors read ahead are held until the model exists. They are the model's own memory when
     # everything stays on the CPU and no cast shrinks them; otherwise read ahead only a little.
     shrinks = any(i.dtype.is_floating_point and i.dtype.itemsize > dtype.itemsize for i in source.infos.values())
@@ -56,7 +55,7 @@ def materialize(source: DenseSource, where: Placement, transforms: dict[str, Tra
     building = threading.Event()
     building.set()
     with _Ahead(_transformed(source, transforms, prepare, building), limit) as tensors:
-        return _build(source, dtype, where, transforms, _first_taken(tensors, building.clear), progress, arena)
+        return _build(source, dtype, where, transforms, _first_taken(tensors, building.clear), progress)
 
 
 def _first_taken(items, callback):
@@ -82,8 +81,7 @@ def _transformed(source: DenseSource, transforms: dict[str, Transform], prepare=
         yield name, (transforms[name](name, w) if name in transforms else w)
 
 
-def _build(source: DenseSource, dtype: torch.dtype, where: Placement, transforms, tensors, progress: bool,
-           arena: PageArena | None):
+def _build(source: DenseSource, dtype: torch.dtype, where: Placement, transforms, tensors, progress: bool):
     from transformers import AutoConfig
 
     path = source.reader.path
@@ -107,8 +105,8 @@ def _build(source: DenseSource, dtype: torch.dtype, where: Placement, transforms
         if name not in names:
             continue
         key = names[name]
-        if w.is_floating_point() and w.dtype != (want := _param_dtype(key, dtype, dtype_plan)):
-            w = arena.empty(w.shape, want).copy_(w) if arena is not None else w.to(want)
+        if w.is_floating_point():
+            w = w.to(_param_dtype(key, dtype, dtype_plan))
         device = placement.get(key, "cpu")
         if device == "disk":
             if name not in transforms and source.recipe[name][0] is None and not source.reader.pickle:
@@ -194,7 +192,7 @@ class _Failed:
     error: BaseException
 
 
-def resolve_dtype(dtype, config: dict, source: DenseSource) -> torch.dtype:
+def _resolve_dtype(dtype, config: dict, source: DenseSource) -> torch.dtype:
     """transformers' ``dtype="auto"``: config.json's dtype, else the first floating tensor's."""
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -48,14 +48,12 @@ class PruneState:
 
 
 class LoadPruner:
-    """``prepare()`` once in the reading thread, then ``pruner(name, mapped tensor)`` -> pruned copy
-    (in memory from ``empty(shape, dtype)``)."""
+    """``prepare()`` once in the reading thread, then ``pruner(name, mapped tensor)`` -> pruned copy."""
 
     def __init__(self, source: DenseSource, method: Method, state: PruneState, progress: bool,
-                 saver: ThreadPoolExecutor | None = None, units: list | None = None, empty=torch.empty):
+                 saver: ThreadPoolExecutor | None = None, units: list | None = None):
         self.source, self.method, self.state, self.units = source, method, state, units
         self.progress, self.saver = progress, saver
-        self.empty = empty  # where the pruned copies go: ``memory.PageArena().empty`` when the model keeps them
         self.thresholds: dict[str, tuple[int, int]] = {}
 
     def prepare(self) -> None:
@@ -76,7 +74,7 @@ class LoadPruner:
         # the model's own: the weights cross memory once, and the file is never written.
         cfg, state = self.state.config, self.state
         sparsity = cfg.sparsity if state.shares is None else state.shares.sparsity(name)
-        out = self.empty(src.shape, dtype=src.dtype)
+        out = torch.empty(src.shape, dtype=src.dtype)
         try:
             threshold = self.thresholds.get(name)
             if threshold is None and self.method.nested and not cfg.sparsity.is_nm:
