@@ -251,6 +251,14 @@ def test_set_sparsity_refuses(tiny_llama):
 
 
 # -- device_map -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["own-dtype", "cast"])
+def test_a_pruned_load_saves_and_reloads_as_itself(tmp_path, tiny_llama, dtype):
+    model = from_pretrained(tiny_llama, sparsity=0.5, scope="global", dtype=dtype, progress=False)
+    model.save_pretrained(tmp_path / "saved")
+    assert_bitwise(model, hf_load(tmp_path / "saved", dtype=dtype))
+    assert_bitwise(load(tmp_path / "saved", dtype=dtype, progress=False), model)
+
+
 def test_disk_offload_gives_the_same_logits(tmp_path, tiny_llama):
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     in_memory = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)
