@@ -53,3 +53,37 @@ def test_numba_code_that_calls_blas_still_works_after_the_kernels_started():
             "f = numba.njit(lambda a, b: np.dot(a, b))\n"
             "assert f(np.ones(3), np.ones(3)) == 3.0")
     _modules_after(code)
+
+
+def _program(code: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``code`` then ``main()`` as the program runs it (argv from sys.argv), then a marker line."""
+    script = (f"import sys, atexit\nsys.argv = ['llm-prune', *{list(args)!r}]\n{code}\n"
+              "from llm_prune.cli import main\nmain()\nprint('main returned')")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "LLM_PRUNE_CACHE": str(tmp_path / "cache")})
+
+
+def test_the_program_ends_without_teardown_and_loses_nothing(tmp_path, tiny_llama):
+    flag = tmp_path / "atexit-ran"
+    out = tmp_path / "out"
+    done = _program(f"atexit.register(lambda: open({str(flag)!r}, 'w').write('yes'))", tmp_path,
+                    str(tiny_llama), "--sparsity", "0.5", "--out", str(out), "--quiet", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "main returned" not in done.stdout  # the process ended inside main()...
+    report = json.loads(done.stdout)  # ...with its whole output through the pipe
+    assert report["achieved"] == json.loads((out / "sparsity.json").read_text())["achieved"]
+    assert flag.read_text() == "yes"  # and the atexit handlers run
+
+    bad = _program("", tmp_path, str(tiny_llama), "--sparsity", "2")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["llm-prune: error: sparsity must be in [0, 1), got '2'"]
+
+
+def test_the_program_waits_for_a_thread_still_at_work(tmp_path):
+    flag = tmp_path / "thread-done"
+    code = (f"import threading, time\n"
+            f"threading.Thread(target=lambda: (time.sleep(1), open({str(flag)!r}, 'w').write('yes'))).start()")
+    done = _program(code, tmp_path, "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"llm-prune {__import__('llm_prune').__version__}", "main returned"]
+    assert flag.read_text() == "yes"
