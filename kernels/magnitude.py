@@ -29,6 +29,7 @@ Tests check every kernel bit for bit against the torch reference in ``llm_prune.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import numba as nb
 import numpy as np
@@ -104,6 +105,18 @@ def set_threads(n: int | None) -> None:
     """How many cores kernels called from this thread use (None: all). numba keeps the setting
     per calling thread: a loader thread can prune on one core while the main thread builds."""
     nb.set_num_threads(min(n, nb.config.NUMBA_NUM_THREADS) if n else nb.config.NUMBA_NUM_THREADS)
+
+
+@contextmanager
+def all_cores_but_one():
+    """Kernels called from this thread leave one core free (at least one thread) for the work
+    other threads do beside them: hashing, copies, the kernel's copies into the page cache."""
+    before = nb.get_num_threads()
+    set_threads(max(1, nb.config.NUMBA_NUM_THREADS - 1))
+    try:
+        yield
+    finally:
+        nb.set_num_threads(before)
 
 
 def max_key(w: torch.Tensor) -> int:

@@ -170,8 +170,13 @@ def index_name(fmt: str) -> str:
 
 
 def _prune_data_free(run: Run) -> dict:
-    threshold = _global_threshold(run) if run.cfg.scope == "global" else None
-    _prune_units(run, threshold)
+    # The hashing of the source and of each finished shard, the copies and the writes run in
+    # threads beside the kernels; kernels on every core leave them none (BENCHMARKS.md, session 18).
+    from .kernels.magnitude import all_cores_but_one
+
+    with all_cores_but_one():
+        threshold = _global_threshold(run) if run.cfg.scope == "global" else None
+        _prune_units(run, threshold)
     return {}
 
 

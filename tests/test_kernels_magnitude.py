@@ -201,3 +201,22 @@ def test_thread_count_does_not_change_the_bits():
         finally:
             K.set_threads(None)
     assert results[0][:2] == results[1][:2] and torch.equal(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_an_export_leaves_one_core_to_its_other_threads(tmp_path, monkeypatch, scope):
+    """The exporter hashes, copies and writes in threads beside the kernels: they get all cores but one."""
+    import numba as nb
+
+    from llm_prune import PruneConfig, prune_checkpoint
+
+    from .conftest import save_tiny, tiny_llama_config
+
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    src = save_tiny(tmp_path / "tiny", tiny_llama_config())
+    seen, histogram = [], K.key_histogram
+    monkeypatch.setattr(K, "key_histogram", lambda *a, **kw: (seen.append(nb.get_num_threads()), histogram(*a, **kw))[1])
+    before = nb.get_num_threads()
+    prune_checkpoint(src, PruneConfig(sparsity=Sparsity(0.5), scope=scope), tmp_path / "out", progress=False)
+    assert seen and set(seen) == {max(1, nb.config.NUMBA_NUM_THREADS - 1)}
+    assert nb.get_num_threads() == before
