@@ -182,8 +182,8 @@ def _run(argv: list[str], own: bool) -> int:
 def _exit_now(code: int) -> None:
     """End the program without the interpreter's teardown, as mypy does.
 
-    Freeing the ~10^6 objects that torch, transformers and numba made costs ~0.2 s after the
-    last atexit handler (BENCHMARKS.md, issue 19), for a process that is ending anyway. What of
+    Freeing the objects that torch, transformers and numba made is a good part of a short
+    command's time (BENCHMARKS.md, session 18), for a process that is ending anyway. What of
     the teardown matters is done here: the atexit handlers (log handlers flushed, temporary
     directories removed), then Python's and C's output buffers flushed. Not while another
     non-daemon thread is alive (an executor left open): the normal exit waits for it."""
