@@ -55,10 +55,11 @@ def test_numba_code_that_calls_blas_still_works_after_the_kernels_started():
     _modules_after(code)
 
 
-def _program(code: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """``code`` then ``main()`` as the program runs it (argv from sys.argv), then a marker line."""
+def _program(code: str, tmp_path, *args: str, after: str = "") -> subprocess.CompletedProcess:
+    """``code`` then ``main()`` as the program runs it (argv from sys.argv), then a marker line
+    and ``after``."""
     script = (f"import sys, atexit\nsys.argv = ['llm-prune', *{list(args)!r}]\n{code}\n"
-              "from llm_prune.cli import main\nmain()\nprint('main returned')")
+              f"from llm_prune.cli import main\nmain()\nprint('main returned')\n{after}")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "LLM_PRUNE_CACHE": str(tmp_path / "cache")})
 
@@ -81,9 +82,10 @@ def test_the_program_ends_without_teardown_and_loses_nothing(tmp_path, tiny_llam
 
 def test_the_program_waits_for_a_thread_still_at_work(tmp_path):
     flag = tmp_path / "thread-done"
-    code = (f"import threading, time\n"
-            f"threading.Thread(target=lambda: (time.sleep(1), open({str(flag)!r}, 'w').write('yes'))).start()")
-    done = _program(code, tmp_path, "--version")
+    # the thread works until main() has returned: alive whenever main() decides how to end
+    code = (f"import threading\nreturned = threading.Event()\n"
+            f"threading.Thread(target=lambda: (returned.wait(60), open({str(flag)!r}, 'w').write('yes'))).start()")
+    done = _program(code, tmp_path, "--version", after="returned.set()")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"llm-prune {__import__('llm_prune').__version__}", "main returned"]
     assert flag.read_text() == "yes"
