@@ -465,11 +465,10 @@ def main() -> None:
     lc.add_argument("--out", required=True)
     lc.add_argument("--llmc-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype llm-compressor's model is loaded in")
-    sub.choices["compare"].add_argument(
-        "--llmc-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-        help="the dtype llm-compressor's model is loaded in (default: auto, bfloat16 when any of llm-prune's "
-             "--act-dtypes resolves to a bf16 kind, else float32: like for like)")
     cp = sub.choices["compare"]
+    cp.add_argument("--llmc-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the dtype llm-compressor's model is loaded in (default: auto, bfloat16 when any of "
+                         "llm-prune's --act-dtypes resolves to a bf16 kind, else float32: like for like)")
     cp.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
     cp.add_argument("--patterns", nargs="+", default=["0.5", "4:8", "2:4"], type=pattern_arg)
     cp.add_argument("--tools", nargs="+", default=["llm-prune", "llm-compressor"])
