@@ -144,7 +144,7 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *,
     """Run every sample through ``block``, one at a time (as the reference code does: memory is
     one sample's activations). Returns the outputs, in place of ``x``, when ``collect``.
     ``matmul``: the dtype the forward's matmuls autocast to (None: ``dtype`` throughout)."""
-    with _autocast(device, matmul):
+    with matmul_autocast(device, matmul):
         for j in range(x.shape[0]):
             y = block(x[j:j + 1].to(device, dtype), **kwargs)
             y = y[0] if isinstance(y, (tuple, list)) else y
@@ -155,7 +155,7 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, *,
     return x if collect else None
 
 
-def _autocast(device, matmul: torch.dtype | None):
+def matmul_autocast(device, matmul: torch.dtype | None):
     return torch.autocast(torch.device(device).type, dtype=matmul, enabled=matmul is not None)
 
 
@@ -165,7 +165,7 @@ def observe(block, rels, method, device, x, kwargs, dtype, first_group_only=Fals
     is not needed: after the first sample each forward stops once the last observed input has
     been seen (the down projection and what follows it never run)."""
     observers = Observers(block, rels, method.observer, device, first_group_only=first_group_only, stop_early=True)
-    with torch.no_grad(), _autocast(device, matmul):
+    with torch.no_grad(), matmul_autocast(device, matmul):
         for j in range(x.shape[0]):
             try:
                 block(x[j:j + 1].to(device, dtype), **kwargs)

@@ -83,6 +83,24 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes ``device`` can still allocate: CUDA's free memory, or the system's available memory
+    (MemAvailable: free pages plus the page cache it can drop) for the CPU; 0 when unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return 0
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def load_tokenizer(path: str | Path, purpose: str, hint: str = "copy the tokenizer files next to the weights"):
     """The tokenizer saved with a checkpoint (or at ``path``), or one line saying what needs it."""
     from transformers import AutoTokenizer

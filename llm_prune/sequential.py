@@ -31,15 +31,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Shares, allocate, outlier_ratio, target_blocks
-from .blocks import Observers, build_skeleton, capture_block_inputs, check_uniform, load_block, observe, run_block
+from .blocks import (Observers, build_skeleton, capture_block_inputs, check_uniform, load_block, matmul_autocast,
+                     observe, run_block)
 from .calib_cache import cached_windows
 from .calibration import CalibConfig
 from .errors import UserError
+from .lockstep import Lockstep, held_bytes
 from .magnitude import all_finite
 from .methods import get_method
 from .methods.wanda import InputNorms, wanda_scores
 from .reader import Unit
-from .runtime import resolve_device
+from .runtime import free_memory, resolve_device
 from .writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -182,9 +184,14 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     reader, arch = run.reader, run.arch
     tensors = _read_block(reader, unit)
     block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype, p.matmul)
-    stats = _solve_targets(run, p, block, unit, tensors)
-    if unit.block < len(p.blocks) - 1:
-        p.x = run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, matmul=p.matmul)
+    last = unit.block == len(p.blocks) - 1
+    if _in_lockstep(run, p):  # true-sequential in one forward, which also gives the outputs
+        stats = _solve_in_lockstep(run, p, block, unit, tensors, outputs=not last)
+    else:
+        stats = _solve_targets(run, p, block, unit, tensors)
+        if not last:
+            p.x = run_block(block, p.x, p.kwargs, p.device, p.dtype, collect=True, matmul=p.matmul)
+    if not last:
         _save_inputs(run.writer, unit.block + 1, p.x)
     p.blocks[unit.block] = block.to("meta")
     from .kernels.formats import encode_all  # numba: imported once, by the first block that needs it
@@ -218,18 +225,59 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
         observers = first if i == 0 else observe(block, group, method, p.device, p.x, p.kwargs, p.dtype,
                                                  matmul=p.matmul)
         for rel in group:
-            name = rel_targets[rel]
             stat = observers.stat(rel)
             if run.cfg.permute and rel in producers:
                 stat = _permute_channels(run, block, tensors, unit, rel, stat, p.device)
-            new, keep = method.solve(tensors[name].to(p.device, torch.float32), stat,
-                                     run.sparsity_of(name), weight_in_first=run.arch.weight_in_first, calib=calib)
-            mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
-            module = block.get_submodule(mod_path)  # (in the dtype the block holds it in: bf16 under bf16-mixed)
-            setattr(module, pname, nn.Parameter(new.to(p.device, getattr(module, pname).dtype), requires_grad=False))
-            tensors[name] = stored = new.to(tensors[name].dtype).cpu()
-            stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
+            _solve_one(run, p, block, tensors, rel_targets[rel], rel, stat, stats)
     return stats
+
+
+def _solve_one(run, p: _Pass, block: nn.Module, tensors: dict, name: str, rel: str, stat, stats: dict) -> None:
+    """Solve target ``name`` (``rel`` in the block) from ``stat``: the block gets the solution in
+    full precision, ``tensors`` and ``stats`` the export's rounding of it and its zeros."""
+    new, keep = get_method(run.cfg.method).solve(tensors[name].to(p.device, torch.float32), stat,
+                                                 run.sparsity_of(name), weight_in_first=run.arch.weight_in_first,
+                                                 calib=run.calib)
+    mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
+    module = block.get_submodule(mod_path)  # (in the dtype the block holds it in: bf16 under bf16-mixed)
+    setattr(module, pname, nn.Parameter(new.to(p.device, getattr(module, pname).dtype), requires_grad=False))
+    tensors[name] = stored = new.to(tensors[name].dtype).cpu()
+    stats[name] = [stored.numel(), stored.numel() - int(torch.count_nonzero(stored))]
+
+
+def _in_lockstep(run, p: _Pass) -> bool:
+    """--true-sequential runs in one forward per block (``lockstep``) where every sample's
+    activations fit at once: within half the memory the device has free. Both ways give the
+    same bytes. --permute reorders channels of activations already computed: group by group."""
+    if not run.calib.true_sequential or run.cfg.permute:
+        return False
+    matmul = p.matmul or p.dtype
+    need = held_bytes(run.reader.config, p.x.shape[0], p.x.shape[1], p.dtype.itemsize, matmul.itemsize)
+    if p.store != p.device:  # the inputs themselves move to the device sample by sample
+        need += p.x.numel() * p.x.element_size()
+    return need <= free_memory(p.device) // 2
+
+
+def _solve_in_lockstep(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict, outputs: bool) -> dict:
+    """True-sequential in one forward: every sample waits at each target until it is solved
+    (``lockstep.Lockstep``); the block's outputs replace ``p.x`` when ``outputs``."""
+    rel_targets = {run.arch.block_of(n)[1]: n for n in unit.targets}
+    lockstep, stats = Lockstep(block, list(rel_targets), get_method(run.cfg.method).observer, p.device), {}
+    try:
+        with matmul_autocast(p.device, p.matmul):
+            solved = lockstep.run(p.x, p.kwargs, p.dtype,
+                                  lambda rel: _solve_one(run, p, block, tensors, rel_targets[rel], rel,
+                                                         lockstep.stat(rel), stats),
+                                  until=None if outputs else set(rel_targets))
+    finally:
+        lockstep.remove()
+    for rel in rel_targets:
+        if rel not in lockstep.leader:
+            raise UserError(f"{rel} never ran in the block's forward, so it has no calibration statistics "
+                            "(leave it out with --exclude)")
+    # in the order solving group by group lists them: groups in forward order, each in target order
+    leaders = dict.fromkeys(lockstep.leader[r] for r in solved)
+    return {rel_targets[r]: stats[rel_targets[r]] for lead in leaders for r in rel_targets if lockstep.leader[r] == lead}
 
 
 def _permute_channels(run, block: nn.Module, tensors: dict, unit: Unit, rel: str, stat, device):

@@ -59,3 +59,21 @@ def smollm2_dir():
     from llm_prune.models import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture
+def calib_text(tmp_path):
+    """A small calibration text file: 12 of the embedded calibration passages."""
+    from llm_prune.calibration import embedded_passages
+
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(embedded_passages("calib")[:12]))
+    return path
+
+
+@pytest.fixture
+def llama_dir(tiny_llama):
+    """The tiny random Llama with a tokenizer beside it (what calibrated runs need)."""
+    from .helpers import add_tokenizer
+
+    return add_tokenizer(tiny_llama)

@@ -15,7 +15,7 @@ from llm_prune.methods import get_method
 from llm_prune.permute import channel_permutation, kept_score, permute_inputs, reallocation
 
 from .helpers import add_tokenizer, load_dir
-from .test_sequential import calib_for, calib_text, run  # noqa: F401  (calib_text is a fixture)
+from .test_sequential import calib_for, run
 
 TWO_FOUR = Sparsity(0.5, 2, 4)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_prune.arch import ARCHS, arch_for
-from llm_prune.calibration import CalibConfig, calibration_windows, embedded_passages
+from llm_prune.calibration import CalibConfig, calibration_windows
 from llm_prune.config import PruneConfig, Sparsity
 from llm_prune.errors import UserError
 from llm_prune.magnitude import is_nm
@@ -26,18 +26,6 @@ from .conftest import save_tiny, tiny_opt_config
 
 CASES = [("sparsegpt", Sparsity(0.5)), ("sparsegpt", Sparsity(0.5, 2, 4)), ("wanda", Sparsity(0.6)),
          ("wanda", Sparsity(0.5, 2, 4)), ("ria", Sparsity(0.6)), ("ria", Sparsity(0.5, 2, 4))]
-
-
-@pytest.fixture
-def calib_text(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("\n\n".join(embedded_passages("calib")[:12]))
-    return path
-
-
-@pytest.fixture
-def llama_dir(tiny_llama):
-    return add_tokenizer(tiny_llama)
 
 
 def calib_for(text, **kw) -> CalibConfig:
