@@ -57,7 +57,8 @@ class CalibConfig:
     dtype: str = "auto"  # activations and block forward (or bf16-mixed); statistics are always fp32
     offload: bool = False  # keep activations in CPU memory when the device is a GPU
     # Solve a block's targets group by group (q/k/v, o, gate/up, down), each observed with the
-    # groups before it already pruned, as GPTQ's --true-sequential: one forward per group.
+    # groups before it already pruned, as GPTQ's --true-sequential: in one forward per block where
+    # every sample's activations fit (llm_prune.lockstep), else one forward per group.
     true_sequential: bool = False
 
     def __post_init__(self):
@@ -271,8 +272,9 @@ def add_calibration_arguments(parser) -> None:
                         "float32 and runs the matmuls in bfloat16 (default: auto, bf16-mixed where the "
                         "device has native bfloat16 matmuls, else float32)")
     g.add_argument("--true-sequential", action="store_true",
-                   help="observe each group of a block's targets after the groups before it are pruned "
-                        "(one block forward per group instead of one per block)")
+                   help="observe each group of a block's targets after the groups before it are pruned; "
+                        "one block forward per block, holding every sample's activations at once "
+                        "(one forward per group where they do not fit)")
     g.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations in CPU memory while blocks run on the GPU")
 

@@ -60,6 +60,7 @@ class _Pass:
     kwargs: dict | None = None  # what the model's forward passes its blocks
     blocks: nn.ModuleList | None = None  # the skeleton's blocks, on the meta device
     seconds: list[float] = field(default_factory=list)
+    lockstep: bool = False  # --true-sequential in one forward per block (``lockstep``)
 
 
 def prune_sequential(run) -> dict:
@@ -95,6 +96,7 @@ def prune_sequential(run) -> dict:
               {**writer.state, "calibration": run_key})
     if pending:
         report |= _start(run, p, seqlen)
+        p.lockstep = _in_lockstep(run, p)
     if cfg.allocation == "owl":
         t0 = time.perf_counter()
         run.shares = _owl_shares(run, p, blocks_in_order, first=bool(pending) and pending[0] == 0)
@@ -185,7 +187,7 @@ def _prune_block(run, p: _Pass, unit: Unit, file: str) -> None:
     tensors = _read_block(reader, unit)
     block = load_block(p.blocks[unit.block], tensors, arch, p.device, p.dtype, p.matmul)
     last = unit.block == len(p.blocks) - 1
-    if _in_lockstep(run, p):  # true-sequential in one forward, which also gives the outputs
+    if p.lockstep:  # true-sequential in one forward, which also gives the outputs
         stats = _solve_in_lockstep(run, p, block, unit, tensors, outputs=not last)
     else:
         stats = _solve_targets(run, p, block, unit, tensors)
@@ -255,7 +257,12 @@ def _in_lockstep(run, p: _Pass) -> bool:
     need = held_bytes(run.reader.config, p.x.shape[0], p.x.shape[1], p.dtype.itemsize, matmul.itemsize)
     if p.store != p.device:  # the inputs themselves move to the device sample by sample
         need += p.x.numel() * p.x.element_size()
-    return need <= free_memory(p.device) // 2
+    free = free_memory(p.device)
+    if need > free // 2:
+        log.info("--true-sequential: holding every sample's activations needs %.1f GiB of %.1f GiB free on %s; "
+                 "solving group by group (one forward per group)", need / 2**30, free / 2**30, p.device)
+        return False
+    return True
 
 
 def _solve_in_lockstep(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict, outputs: bool) -> dict:
