@@ -48,7 +48,7 @@ class _Counted:
 
 @pytest.mark.parametrize("method,sparsity,act_dtype", CASES, ids=[f"{m}-{s}-{d}" for m, s, d in CASES])
 def test_one_forward_per_block_gives_the_bytes_of_solving_group_by_group(llama_dir, calib_text, tmp_path, monkeypatch,
-                                                                         method, sparsity, act_dtype):
+                                                                         caplog, method, sparsity, act_dtype):
     cfg, calib = PruneConfig(method=method, sparsity=sparsity), calib_for(calib_text, true_sequential=True, dtype=act_dtype)
     with monkeypatch.context() as m:
         counted = _Counted(m)
@@ -58,7 +58,9 @@ def test_one_forward_per_block_gives_the_bytes_of_solving_group_by_group(llama_d
     with monkeypatch.context() as m:
         m.setattr(sequential, "free_memory", lambda device: 0)  # no room: group by group
         counted = _Counted(m)
-        grouped = run(llama_dir, cfg, calib, tmp_path / "groups")
+        with caplog.at_level("INFO", logger="llm_prune.sequential"):
+            grouped = run(llama_dir, cfg, calib, tmp_path / "groups")
+    assert "solving group by group" in caplog.text
     assert counted.lockstep_runs == 0 and counted.observes == 4 * 3  # q/k/v, o, gate/up, down per block
     assert counted.forwards > 4 * 6 * 3
     assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
@@ -175,3 +177,20 @@ def test_held_bytes_grows_with_the_samples_and_the_mlp():
     # SmolLM2 at 128 x 2048, bf16-mixed: ~2 GB; Llama-2-7B at 128 x 2048: ~14 GB
     assert 1.9e9 < held_bytes(cfg, 128, 2048, 4, 2) < 2.2e9
     assert 14e9 < held_bytes({"hidden_size": 4096, "intermediate_size": 11008}, 128, 2048, 4, 2) < 15e9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("offload", [False, True])
+def test_on_cuda_one_forward_per_block_gives_the_bytes_of_solving_group_by_group(llama_dir, calib_text, tmp_path,
+                                                                                 monkeypatch, offload):
+    cfg = PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5))
+    calib = calib_for(calib_text, true_sequential=True, device="cuda", offload=offload)
+    counted = _Counted(monkeypatch)
+    run(llama_dir, cfg, calib, tmp_path / "lockstep")
+    assert counted.lockstep_runs == 3
+    monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
+    run(llama_dir, cfg, calib, tmp_path / "groups")
+    assert counted.lockstep_runs == 3 and counted.observes == 4 * 3
+    assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
+
