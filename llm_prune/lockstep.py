@@ -26,6 +26,8 @@ import torch
 from greenlet import getcurrent, greenlet
 from torch import nn
 
+from .errors import UserError
+
 _DONE = object()  # what a sample's greenlet hands back when its forward is over
 
 
@@ -38,7 +40,7 @@ class Lockstep:
     """
 
     def __init__(self, block: nn.Module, rels: list[str], make, device):
-        self.block, self.make, self.device = block, make, device
+        self.block, self.make, self.device, self.rels = block, make, device, list(rels)
         self.leader: dict[str, str] = {}
         self.stats: dict[str, object] = {}
         self._sample: dict[greenlet, int] = {}
@@ -94,6 +96,10 @@ class Lockstep:
                                        f"{next(a for a in at if a is not at[0])}): the block's forward "
                                        "differs between samples")
                 if at[0] is _DONE:
+                    missing = [rel for rel in self.rels if rel not in self.leader]
+                    if missing:
+                        raise UserError(f"{missing[0]} never ran in the block's forward, so it has no calibration "
+                                        "statistics (leave it out with --exclude)")
                     return solved
                 with torch.autocast(torch.device(self.device).type, enabled=False):  # solves run in fp32
                     solve(at[0])

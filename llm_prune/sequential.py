@@ -278,10 +278,6 @@ def _solve_in_lockstep(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dic
                                   until=None if outputs else set(rel_targets))
     finally:
         lockstep.remove()
-    for rel in rel_targets:
-        if rel not in lockstep.leader:
-            raise UserError(f"{rel} never ran in the block's forward, so it has no calibration statistics "
-                            "(leave it out with --exclude)")
     # in the order solving group by group lists them: groups in forward order, each in target order
     leaders = dict.fromkeys(lockstep.leader[r] for r in solved)
     return {rel_targets[r]: stats[rel_targets[r]] for lead in leaders for r in rel_targets if lockstep.leader[r] == lead}

@@ -10,6 +10,7 @@ from torch import nn
 
 import llm_prune.sequential as sequential
 from llm_prune.config import PruneConfig, Sparsity
+from llm_prune.errors import UserError
 from llm_prune.lockstep import Lockstep, held_bytes
 from llm_prune.methods.wanda import InputNorms
 
@@ -149,6 +150,13 @@ def test_samples_that_go_different_ways_are_refused():
     x[0] = -x[0].abs()
     lockstep = Lockstep(_Block(branch=True), ["a.weight", "b.weight"], InputNorms, "cpu")
     with torch.no_grad(), pytest.raises(RuntimeError, match="different ways"):
+        lockstep.run(x, {}, torch.float32, lambda rel: None)
+
+
+def test_a_target_no_sample_reached_is_one_clear_error():
+    x = _xs().abs()  # every sample returns after a: b never runs
+    lockstep = Lockstep(_Block(branch=True), ["a.weight", "b.weight"], InputNorms, "cpu")
+    with torch.no_grad(), pytest.raises(UserError, match=r"b.weight never ran .* --exclude"):
         lockstep.run(x, {}, torch.float32, lambda rel: None)
 
 
