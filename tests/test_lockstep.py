@@ -66,6 +66,8 @@ def test_one_forward_per_block_gives_the_bytes_of_solving_group_by_group(llama_d
     assert counted.forwards > 4 * 6 * 3
     assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
     assert one["achieved"] == grouped["achieved"]
+    assert one["calibration"]["true_sequential_forwards"] == "one per block"
+    assert grouped["calibration"]["true_sequential_forwards"] == "one per group"
 
 
 def test_permute_solves_group_by_group(llama_dir, calib_text, tmp_path, monkeypatch):
