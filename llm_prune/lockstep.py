@@ -117,11 +117,11 @@ class Lockstep:
             h.remove()
 
 
-def held_bytes(config: dict, nsamples: int, seqlen: int, act_bytes: int, matmul_bytes: int) -> int:
+def held_bytes(config: dict, nsamples: int, seqlen: int, hidden: int, act_bytes: int, matmul_bytes: int) -> int:
     """What a lockstep run holds beyond the block inputs, at most: per token, while every sample
     waits at the down projection, the residual and the MLP's normalised input (activation dtype)
     and the gated product (the matmuls' dtype), plus as much again for the transient gate and up
-    outputs of the sample being run (a bound, not a profile)."""
-    hidden = config.get("hidden_size") or config.get("d_model") or 0
+    outputs of the sample being run (a bound, not a profile). The MLP's width comes from the
+    model's config (Llama, OPT and GPT-2 names; GPT-2's default of 4 × hidden)."""
     inner = config.get("intermediate_size") or config.get("ffn_dim") or config.get("n_inner") or 4 * hidden
     return nsamples * seqlen * (2 * hidden * act_bytes + inner * matmul_bytes) + 3 * seqlen * inner * matmul_bytes

@@ -256,7 +256,7 @@ def _in_lockstep(run, p: _Pass) -> bool:
     if not run.calib.true_sequential or run.cfg.permute:
         return False
     matmul = p.matmul or p.dtype
-    need = held_bytes(run.reader.config, p.x.shape[0], p.x.shape[1], p.dtype.itemsize, matmul.itemsize)
+    need = held_bytes(run.reader.config, *p.x.shape, p.dtype.itemsize, matmul.itemsize)
     if p.store != p.device:  # the inputs themselves move to the device sample by sample
         need += p.x.numel() * p.x.element_size()
     free = free_memory(p.device)
@@ -324,7 +324,7 @@ def _permute_channels(run, block: nn.Module, tensors: dict, unit: Unit, rel: str
 
 def saved_inputs_bytes(model_config: dict, calib: CalibConfig) -> int:
     """Disk the saved block inputs take at most (two files while one replaces the other)."""
-    hidden = model_config.get("hidden_size") or model_config.get("d_model") or 0
+    hidden = model_config.get("hidden_size") or model_config.get("d_model") or model_config.get("n_embd") or 0
     return 2 * calib.nsamples * calib.resolved_seqlen(model_config) * hidden * calib.torch_dtype().itemsize
 
 

@@ -14,7 +14,8 @@ from llm_prune.errors import UserError
 from llm_prune.lockstep import Lockstep, held_bytes
 from llm_prune.methods.wanda import InputNorms
 
-from .helpers import digest, interrupted_after_writes
+from .conftest import save_tiny, tiny_opt_config
+from .helpers import add_tokenizer, digest, interrupted_after_writes
 from .test_sequential import calib_for, run
 
 CASES = [("sparsegpt", Sparsity(0.5), "float32"), ("sparsegpt", Sparsity(0.5, 2, 4), "bf16-mixed"),
@@ -68,6 +69,30 @@ def test_one_forward_per_block_gives_the_bytes_of_solving_group_by_group(llama_d
     assert one["achieved"] == grouped["achieved"]
     assert one["calibration"]["true_sequential_forwards"] == "one per block"
     assert grouped["calibration"]["true_sequential_forwards"] == "one per group"
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "qwen2"])
+def test_other_families_give_the_same_bytes_both_ways(tmp_path, calib_text, monkeypatch, family):
+    from transformers import Qwen2Config
+
+    config = {"opt": tiny_opt_config, "gpt2": _gpt2_config,
+              "qwen2": lambda: Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=64)}[family]()
+    src = add_tokenizer(save_tiny(tmp_path / family, config))
+    cfg, calib = PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)), calib_for(calib_text, true_sequential=True)
+    one = run(src, cfg, calib, tmp_path / "lockstep")
+    monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
+    grouped = run(src, cfg, calib, tmp_path / "groups")
+    assert one["calibration"]["true_sequential_forwards"] == "one per block"
+    assert grouped["calibration"]["true_sequential_forwards"] == "one per group"
+    assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
 
 
 def test_permute_solves_group_by_group(llama_dir, calib_text, tmp_path, monkeypatch):
@@ -181,12 +206,14 @@ def test_an_error_in_one_sample_reaches_the_caller_and_parks_no_sample():
 
 def test_held_bytes_grows_with_the_samples_and_the_mlp():
     cfg = {"hidden_size": 576, "intermediate_size": 1536}
-    one = held_bytes(cfg, 1, 512, 4, 2)
-    assert held_bytes(cfg, 32, 512, 4, 2) > 31 * (one - 3 * 512 * 1536 * 2)
-    assert held_bytes({**cfg, "intermediate_size": 3072}, 32, 512, 4, 2) > held_bytes(cfg, 32, 512, 4, 2)
+    one = held_bytes(cfg, 1, 512, 576, 4, 2)
+    assert held_bytes(cfg, 32, 512, 576, 4, 2) > 31 * (one - 3 * 512 * 1536 * 2)
+    assert held_bytes({**cfg, "intermediate_size": 3072}, 32, 512, 576, 4, 2) > held_bytes(cfg, 32, 512, 576, 4, 2)
     # SmolLM2 at 128 x 2048, bf16-mixed: ~2 GB; Llama-2-7B at 128 x 2048: ~14 GB
-    assert 1.9e9 < held_bytes(cfg, 128, 2048, 4, 2) < 2.2e9
-    assert 14e9 < held_bytes({"hidden_size": 4096, "intermediate_size": 11008}, 128, 2048, 4, 2) < 15e9
+    assert 1.9e9 < held_bytes(cfg, 128, 2048, 576, 4, 2) < 2.2e9
+    assert 14e9 < held_bytes({"intermediate_size": 11008}, 128, 2048, 4096, 4, 2) < 15e9
+    # GPT-2 names its MLP n_inner, null for 4 x hidden; OPT ffn_dim
+    assert held_bytes({"n_inner": None}, 8, 64, 32, 4, 4) == held_bytes({"ffn_dim": 128}, 8, 64, 32, 4, 4) > 0
 
 
 @pytest.mark.gpu

@@ -355,3 +355,12 @@ def test_the_summary_names_the_calibration_and_its_precision(llama_dir, calib_te
     header = capsys.readouterr().out.splitlines()[0]
     assert header == (f"pruned {llama_dir} with wanda 0.5 (layer scope; calibration 6 × 32 tokens on cpu, "
                       f"{act_dtype})")
+
+
+def test_saved_inputs_bytes_reads_each_family_s_name_for_the_hidden_size():
+    from llm_prune.sequential import saved_inputs_bytes
+
+    calib = CalibConfig(nsamples=4, seqlen=16, dtype="float32")
+    expected = 2 * 4 * 16 * 32 * 4  # two files while one replaces the other
+    for config in ({"hidden_size": 32}, {"d_model": 32}, {"n_embd": 32}):  # Llama, OPT/T5, GPT-2
+        assert saved_inputs_bytes(config, calib) == expected
