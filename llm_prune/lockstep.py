@@ -124,7 +124,9 @@ def held_bytes(config: dict, nsamples: int, seqlen: int, hidden: int, act_bytes:
     attention output; at the down projection the residual, the MLP's input and the gated product
     (matmul dtype) - taken as 4 × hidden in the activation dtype plus the wider of the MLP and 2 ×
     hidden in the matmuls' dtype. The MLP's width comes from the config (Llama, OPT and GPT-2
-    names; GPT-2's default of 4 × hidden). SmolLM2 at 128 × 2048 in bf16-mixed: 3.2 GB estimated;
-    the run's peak RSS was 2.8 GB above the group-by-group way's (BENCHMARKS.md, session 19)."""
+    names; GPT-2's default of 4 × hidden). The process's peak grows by more than the samples hold
+    (the allocator cannot reuse the gaps between held tensors): SmolLM2 Wanda at 128 × 2048 in
+    bf16-mixed, 3.2 GB estimated, peak RSS 3.6 GB above the default's (BENCHMARKS.md, session 19),
+    which is why ``sequential`` asks for twice the estimate free."""
     inner = config.get("intermediate_size") or config.get("ffn_dim") or config.get("n_inner") or 4 * hidden
     return nsamples * seqlen * (4 * hidden * act_bytes + max(inner, 2 * hidden) * matmul_bytes)
