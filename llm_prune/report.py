@@ -146,6 +146,8 @@ def format_summary(report: dict, out: Path) -> str:
     cal = report.get("calibration")
     if cal and "activation_dtype" in cal:  # calibrated: the data and the precision it ran in
         how += f"; calibration {cal['nsamples']} × {cal['seqlen']} tokens on {cal['device']}, {cal['activation_dtype']}"
+        if "true_sequential_forwards" in cal:
+            how += f"; true-sequential, {cal['true_sequential_forwards']}"
     what = f"{report['method']} {report['pattern'] or report['target_sparsity']} ({how})"
     lines = [
         f"pruned {report['source']['name']} with {what}",

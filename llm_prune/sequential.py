@@ -98,7 +98,7 @@ def prune_sequential(run) -> dict:
         report |= _start(run, p, seqlen)
         p.lockstep = _in_lockstep(run, p)
         if calib.true_sequential:  # how this run observed its groups (the bytes are the same either way)
-            report["true_sequential_forwards"] = "one per block" if p.lockstep else "one per group"
+            report["true_sequential_forwards"] = "one forward per block" if p.lockstep else "one forward per group"
     if cfg.allocation == "owl":
         t0 = time.perf_counter()
         run.shares = _owl_shares(run, p, blocks_in_order, first=bool(pending) and pending[0] == 0)

@@ -67,8 +67,8 @@ def test_one_forward_per_block_gives_the_bytes_of_solving_group_by_group(llama_d
     assert counted.forwards > 4 * 6 * 3
     assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
     assert one["achieved"] == grouped["achieved"]
-    assert one["calibration"]["true_sequential_forwards"] == "one per block"
-    assert grouped["calibration"]["true_sequential_forwards"] == "one per group"
+    assert one["calibration"]["true_sequential_forwards"] == "one forward per block"
+    assert grouped["calibration"]["true_sequential_forwards"] == "one forward per group"
 
 
 def _gpt2_config():
@@ -90,9 +90,21 @@ def test_other_families_give_the_same_bytes_both_ways(tmp_path, calib_text, monk
     one = run(src, cfg, calib, tmp_path / "lockstep")
     monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
     grouped = run(src, cfg, calib, tmp_path / "groups")
-    assert one["calibration"]["true_sequential_forwards"] == "one per block"
-    assert grouped["calibration"]["true_sequential_forwards"] == "one per group"
+    assert one["calibration"]["true_sequential_forwards"] == "one forward per block"
+    assert grouped["calibration"]["true_sequential_forwards"] == "one forward per group"
     assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
+
+
+def test_the_summary_says_how_true_sequential_ran(llama_dir, calib_text, tmp_path, capsys, monkeypatch):
+    from llm_prune.cli import main
+
+    argv = [str(llama_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib_text), "--nsamples", "6",
+            "--seqlen", "32", "--act-dtype", "float32", "--true-sequential"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("float32; true-sequential, one forward per block)")
+    monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("float32; true-sequential, one forward per group)")
 
 
 def test_permute_solves_group_by_group(llama_dir, calib_text, tmp_path, monkeypatch):
