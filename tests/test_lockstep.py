@@ -107,6 +107,19 @@ def test_the_summary_says_how_true_sequential_ran(llama_dir, calib_text, tmp_pat
     assert capsys.readouterr().out.splitlines()[0].endswith("float32; true-sequential, one forward per group)")
 
 
+def test_owl_allocation_gives_the_same_bytes_both_ways(llama_dir, calib_text, tmp_path, monkeypatch):
+    # OWL's first pass (statistics of the dense blocks) runs before; the shares then go to each target
+    cfg = PruneConfig(method="wanda", sparsity=Sparsity(0.6), allocation="owl", band=0.08, owl_m=5.0)
+    calib = calib_for(calib_text, true_sequential=True)
+    one = run(llama_dir, cfg, calib, tmp_path / "lockstep")
+    monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
+    grouped = run(llama_dir, cfg, calib, tmp_path / "groups")
+    assert one["calibration"]["true_sequential_forwards"] == "one forward per block"
+    assert grouped["calibration"]["true_sequential_forwards"] == "one forward per group"
+    assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
+    assert len({v for v in one["achieved"]["tensors"].values()}) > 1  # the blocks got different shares
+
+
 def test_permute_solves_group_by_group(llama_dir, calib_text, tmp_path, monkeypatch):
     # --permute reorders channels of activations a lockstep forward has already computed
     counted = _Counted(monkeypatch)
