@@ -91,10 +91,11 @@ class Lockstep:
         try:
             while True:
                 at = [g.switch() for g in samples]  # each runs to its next target, or to its end
-                if any(a is not at[0] for a in at):
-                    raise RuntimeError(f"the samples' forwards went different ways ({at[0]} / "
-                                       f"{next(a for a in at if a is not at[0])}): the block's forward "
-                                       "differs between samples")
+                other = next((a for a in at if a != at[0]), None)
+                if other is not None:
+                    where = ["the block's end" if a is _DONE else a for a in (at[0], other)]
+                    raise RuntimeError(f"the samples' forwards went different ways ({where[0]} / {where[1]}): "
+                                       "the block's forward differs between samples")
                 if at[0] is _DONE:
                     missing = [rel for rel in self.rels if rel not in self.leader]
                     if missing:
