@@ -86,13 +86,20 @@ def test_other_families_give_the_same_bytes_both_ways(tmp_path, calib_text, monk
                                            num_attention_heads=4, num_key_value_heads=2,
                                            max_position_embeddings=64)}[family]()
     src = add_tokenizer(save_tiny(tmp_path / family, config))
-    cfg, calib = PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)), calib_for(calib_text, true_sequential=True)
+    both_ways(src, PruneConfig(method="sparsegpt", sparsity=Sparsity(0.5)), calib_text, tmp_path, monkeypatch)
+
+
+def both_ways(src, cfg, calib_text, tmp_path, monkeypatch) -> dict:
+    """Run ``cfg`` with --true-sequential in lockstep, then group by group (no memory free): the
+    same shards, each report saying which way it ran. Returns the lockstep run's report."""
+    calib = calib_for(calib_text, true_sequential=True)
     one = run(src, cfg, calib, tmp_path / "lockstep")
     monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
     grouped = run(src, cfg, calib, tmp_path / "groups")
     assert one["calibration"]["true_sequential_forwards"] == "one forward per block"
     assert grouped["calibration"]["true_sequential_forwards"] == "one forward per group"
     assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
+    return one
 
 
 def test_the_summary_says_how_true_sequential_ran(llama_dir, calib_text, tmp_path, capsys, monkeypatch):
@@ -110,13 +117,7 @@ def test_the_summary_says_how_true_sequential_ran(llama_dir, calib_text, tmp_pat
 def test_owl_allocation_gives_the_same_bytes_both_ways(llama_dir, calib_text, tmp_path, monkeypatch):
     # OWL's first pass (statistics of the dense blocks) runs before; the shares then go to each target
     cfg = PruneConfig(method="wanda", sparsity=Sparsity(0.6), allocation="owl", band=0.08, owl_m=5.0)
-    calib = calib_for(calib_text, true_sequential=True)
-    one = run(llama_dir, cfg, calib, tmp_path / "lockstep")
-    monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
-    grouped = run(llama_dir, cfg, calib, tmp_path / "groups")
-    assert one["calibration"]["true_sequential_forwards"] == "one forward per block"
-    assert grouped["calibration"]["true_sequential_forwards"] == "one forward per group"
-    assert digest(tmp_path / "lockstep") == digest(tmp_path / "groups")
+    one = both_ways(llama_dir, cfg, calib_text, tmp_path, monkeypatch)
     assert len({v for v in one["achieved"]["tensors"].values()}) > 1  # the blocks got different shares
 
 
