@@ -102,6 +102,11 @@ def both_ways(src, cfg, calib_text, tmp_path, monkeypatch) -> dict:
     return one
 
 
+def test_real_smollm2_gives_the_same_bytes_both_ways(smollm2_dir, calib_text, tmp_path, monkeypatch):
+    # 30 real blocks with grouped-query attention, rotary embeddings and bf16-mixed forwards
+    both_ways(smollm2_dir, PruneConfig(method="wanda", sparsity=Sparsity(0.5)), calib_text, tmp_path, monkeypatch)
+
+
 def test_the_summary_says_how_true_sequential_ran(llama_dir, calib_text, tmp_path, capsys, monkeypatch):
     from llm_prune.cli import main
 
