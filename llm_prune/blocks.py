@@ -176,6 +176,12 @@ def observe(block, rels, method, device, x, kwargs, dtype, first_group_only=Fals
     return observers
 
 
+def never_ran(rel: str) -> UserError:
+    """The error for a target no forward of its block reached (so it has no statistics)."""
+    return UserError(f"{rel} never ran in the block's forward, so it has no calibration statistics "
+                     "(leave it out with --exclude)")
+
+
 class _Enough(Exception):
     """Raised by the last observer's hook: the rest of the forward is not needed."""
 
@@ -237,8 +243,7 @@ class Observers:
 
     def stat(self, rel: str):
         if rel not in self.leader:
-            raise UserError(f"{rel} never ran in the block's forward, so it has no calibration statistics "
-                            "(leave it out with --exclude)")
+            raise never_ran(rel)
         return self.stats[self.leader[rel]]
 
     def remove(self) -> None:

@@ -26,7 +26,7 @@ import torch
 from greenlet import getcurrent, greenlet
 from torch import nn
 
-from .errors import UserError
+from .blocks import never_ran
 
 _DONE = object()  # what a sample's greenlet hands back when its forward is over
 
@@ -99,8 +99,7 @@ class Lockstep:
                 if at[0] is _DONE:
                     missing = [rel for rel in self.rels if rel not in self.leader]
                     if missing:
-                        raise UserError(f"{missing[0]} never ran in the block's forward, so it has no calibration "
-                                        "statistics (leave it out with --exclude)")
+                        raise never_ran(missing[0])
                     return solved
                 with torch.autocast(torch.device(self.device).type, enabled=False):  # solves run in fp32
                     solve(at[0])

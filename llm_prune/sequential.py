@@ -239,9 +239,9 @@ def _solve_targets(run, p: _Pass, block: nn.Module, unit: Unit, tensors: dict[st
 def _solve_one(run, p: _Pass, block: nn.Module, tensors: dict, name: str, rel: str, stat, stats: dict) -> None:
     """Solve target ``name`` (``rel`` in the block) from ``stat``: the block gets the solution in
     full precision, ``tensors`` and ``stats`` the export's rounding of it and its zeros."""
-    new, keep = get_method(run.cfg.method).solve(tensors[name].to(p.device, torch.float32), stat,
-                                                 run.sparsity_of(name), weight_in_first=run.arch.weight_in_first,
-                                                 calib=run.calib)
+    new, _ = get_method(run.cfg.method).solve(tensors[name].to(p.device, torch.float32), stat,
+                                              run.sparsity_of(name), weight_in_first=run.arch.weight_in_first,
+                                              calib=run.calib)
     mod_path, pname = rel.rsplit(".", 1)  # the next block sees the full-precision solution
     module = block.get_submodule(mod_path)  # (in the dtype the block holds it in: bf16 under bf16-mixed)
     setattr(module, pname, nn.Parameter(new.to(p.device, getattr(module, pname).dtype), requires_grad=False))

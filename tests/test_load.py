@@ -250,7 +250,6 @@ def test_set_sparsity_refuses(tiny_llama):
         set_sparsity(lossy, 0.6)
 
 
-# -- device_map -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["own-dtype", "cast"])
 def test_a_pruned_load_saves_and_reloads_as_itself(tmp_path, tiny_llama, dtype):
     model = from_pretrained(tiny_llama, sparsity=0.5, scope="global", dtype=dtype, progress=False)
@@ -259,6 +258,7 @@ def test_a_pruned_load_saves_and_reloads_as_itself(tmp_path, tiny_llama, dtype):
     assert_bitwise(load(tmp_path / "saved", dtype=dtype, progress=False), model)
 
 
+# -- device_map -----------------------------------------------------------------------------------------------
 def test_disk_offload_gives_the_same_logits(tmp_path, tiny_llama):
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     in_memory = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)
