@@ -7,7 +7,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..fingerprint import checkpoint_fingerprint, file_sha256
+from ..fingerprint import checkpoint_fingerprint, file_digest
 from ..paths import atomic_write_text, cache_dir
 from ..report import table
 from .mmlu import CATEGORIES
@@ -73,7 +73,7 @@ def checkpoint_id(path: Path) -> str:
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise FileNotFoundError(f"no weight files in {path}")
-    return checkpoint_fingerprint({f.name: file_sha256(f) for f in files})
+    return checkpoint_fingerprint({f.name: file_digest(f) for f in files})
 
 
 # Bump when our own task definitions change what they measure (local task configs, the offline

@@ -1,14 +1,19 @@
-"""Content hashes of checkpoint files, computed once.
+"""Content digests of checkpoint files, computed once.
 
-``sparsity.json`` records the sha256 of every source weight file, and caches (global
-thresholds, dense baselines) are keyed by them. Hashing 13 GB takes ~20 s on this machine, so:
+``sparsity.json`` records a digest of every source weight file and of every file an export
+writes, and caches (global thresholds, dense baselines) are keyed by them. A digest names its
+algorithm, as OCI's do: ``"blake3:<hex>"`` or ``"sha256:<hex>"``.
 
-* files in the Hugging Face cache are symlinks to blobs named by their sha256 (for LFS files):
-  that name is the hash, free;
-* other files are hashed once and remembered in ``<cache>/hashes.json`` under
-  (real path, size, mtime_ns), so a sweep of runs over one checkpoint hashes it once;
-* that once is while the run reads the file anyway (``SourceHasher``): the hash follows the
-  reads, so its bytes come from the page cache instead of a second read of the disk.
+* Files in the Hugging Face cache are symlinks to blobs named by their sha256 (for LFS files):
+  that name is the digest (``sha256:<name>``), free, and the one the hub shows.
+* Every file llm-prune hashes itself gets BLAKE3, the fastest cryptographic hash with a
+  well-kept Python binding: a run hashes every byte it writes and, the first time it meets a
+  checkpoint, every byte it reads, on cores the pruning keeps busy (BENCHMARKS.md, session 20).
+* A digest without a prefix is a sha256: manifests and memo entries written before BLAKE3.
+* Other files are hashed once and remembered in ``<cache>/hashes.json`` under (real path,
+  size, mtime_ns), so a sweep of runs over one checkpoint hashes it once; that once is while
+  the run reads the file anyway (``SourceHasher``): the hash follows the reads, so its bytes
+  come from the page cache instead of a second read of the disk.
 """
 
 from __future__ import annotations
@@ -22,17 +27,28 @@ import re
 import threading
 from pathlib import Path
 
+import blake3
+
 from .paths import cache_dir, atomic_write_text
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ALGORITHM = "blake3"  # what llm-prune computes; the others are only checked
+_HASHES = {"blake3": lambda threads: blake3.blake3(max_threads=threads),
+           "sha256": lambda threads: hashlib.sha256()}
 
 
-def file_sha256(path: Path) -> str:
-    known = known_sha256(path)
+def split(digest: str) -> tuple[str, str]:
+    """(algorithm, hex) of a digest; a bare hex string is a sha256 (written before BLAKE3)."""
+    algorithm, sep, hexdigest = digest.rpartition(":")
+    return (algorithm, hexdigest) if sep else ("sha256", digest)
+
+
+def file_digest(path: Path) -> str:
+    known = known_digest(path)
     if known is not None:
         return known
     real, key = _memo_key(path)
-    digest = sha256_of(real)
+    digest = digest_of(real)
     _remember({key: digest})
     return digest
 
@@ -53,31 +69,42 @@ def _current(key: str) -> bool:
         return False
 
 
-def known_sha256(path: Path) -> str | None:
-    """The file's sha256 when it costs nothing (a hub blob's name, or remembered), else None."""
+def known_digest(path: Path) -> str | None:
+    """The file's digest when it costs nothing (a hub blob's name, or remembered), else None."""
     real, key = _memo_key(path)
     if _SHA256.match(real.name) and real.parent.name == "blobs":
-        return real.name
-    return _load(cache_dir() / "hashes.json").get(key)
+        return f"sha256:{real.name}"
+    known = _load(cache_dir() / "hashes.json").get(key)
+    return None if known is None else "{}:{}".format(*split(known))
 
 
 _CHUNK = 64 << 20
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 over a read-only mapping: no copy into Python buffers (faster than
-    ``hashlib.file_digest`` here). Each chunk's pages leave the mapping once hashed (they stay in
-    the page cache): a mapped page counts in the process's resident memory, and a multi-GB shard
-    hashed whole would count whole."""
-    prefix = _Prefix(path)
+def digest_of(path: Path, algorithm: str = ALGORITHM, threads: int = 1) -> str:
+    """The file's digest, hashed over a read-only mapping: no copy into Python buffers (faster
+    than ``hashlib.file_digest`` here). Each chunk's pages leave the mapping once hashed (they
+    stay in the page cache): a mapped page counts in the process's resident memory, and a
+    multi-GB shard hashed whole would count whole. ``threads`` > 1 (or -1, all cores) lets
+    BLAKE3 hash each chunk on several cores, for callers with nothing else to do."""
+    prefix = _Prefix(path, algorithm, threads)
     try:
         return prefix.finish()
     finally:
         prefix.close()  # on an error too
 
 
+def matches(path: Path, digest: str, threads: int = 1) -> bool:
+    """Whether ``path`` hashes to ``digest`` under the digest's own algorithm (ValueError when
+    llm-prune does not know it)."""
+    algorithm, _ = split(digest)
+    if algorithm not in _HASHES:
+        raise ValueError(f"unknown digest algorithm {algorithm!r}")
+    return digest_of(path, algorithm, threads) == "{}:{}".format(*split(digest))
+
+
 class SourceHasher:
-    """The sha256 of a checkpoint's files, computed from the byte ranges the run has just read.
+    """The digests of a checkpoint's files, computed from the byte ranges the run has just read.
 
     A first run over a checkpoint needs its hashes (``sparsity.json``, caches keyed by content);
     hashing the files on their own would read every byte a second time. Instead the run tells
@@ -85,13 +112,13 @@ class SourceHasher:
     file's contiguous prefix of read ranges as it grows: those pages were just read, so the hash
     costs CPU but no disk. Ranges read out of file order wait until the gap before them is read;
     ``digests()`` hashes whatever no one read (a resumed run's finished units, holes, tensors
-    never touched), so the digests always equal ``sha256_of`` of the whole file. Files whose
+    never touched), so the digests always equal ``digest_of`` the whole file. Files whose
     hash is already known (a hub blob's name, remembered) are not hashed at all.
     """
 
     def __init__(self, root: Path, files: list[str], headers: dict[str, int] | None = None):
         self.root = Path(root)
-        self._known = {f: known_sha256(self.root / f) for f in files}
+        self._known = {f: known_digest(self.root / f) for f in files}
         self._files = {f: _Prefix(self.root / f) for f, d in self._known.items() if d is None}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = None
@@ -115,7 +142,7 @@ class SourceHasher:
                 self.read(info.file, info.offset, info.nbytes)
 
     def digests(self) -> dict[str, str]:
-        """Every file's sha256 (finishing what no one read), remembered for later runs."""
+        """Every file's digest (finishing what no one read), remembered for later runs."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -151,10 +178,11 @@ class SourceHasher:
 
 
 class _Prefix:
-    """One file's sha256 state: hashed up to ``pos``; ``pending`` holds ranges read beyond it."""
+    """One file's hash state: hashed up to ``pos``; ``pending`` holds ranges read beyond it."""
 
-    def __init__(self, path: Path):
-        self.path, self.h, self.pos, self.pending = path, hashlib.sha256(), 0, []
+    def __init__(self, path: Path, algorithm: str = ALGORITHM, threads: int = 1):
+        self.path, self.algorithm, self.pos, self.pending = path, algorithm, 0, []
+        self.h = _HASHES[algorithm](threads)
         self._f = open(path, "rb")
         self.size = os.fstat(self._f.fileno()).st_size
         self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
@@ -172,7 +200,7 @@ class _Prefix:
             for at in range(self.pos, to, _CHUNK):
                 stop = min(at + _CHUNK, to)
                 self.h.update(view[at:stop])  # releases the GIL for the chunk
-                # let the pages leave this mapping (they stay in the page cache): see sha256_of
+                # let the pages leave this mapping (they stay in the page cache): see digest_of
                 page = at - at % mmap.PAGESIZE
                 if hasattr(self._map, "madvise") and stop - page >= mmap.PAGESIZE:
                     self._map.madvise(mmap.MADV_DONTNEED, page, (stop - page) // mmap.PAGESIZE * mmap.PAGESIZE)
@@ -184,7 +212,7 @@ class _Prefix:
     def finish(self) -> str:
         self._advance(self.size)
         self.close()
-        return self.h.hexdigest()
+        return f"{self.algorithm}:{self.h.hexdigest()}"
 
     def close(self) -> None:
         if self._map is not None:
@@ -199,8 +227,10 @@ def _memo_key(path: Path) -> tuple[Path, str]:
 
 
 def checkpoint_fingerprint(file_hashes: dict[str, str]) -> str:
-    """One hash for a whole checkpoint: the sha256 of its sorted (file name, file hash) pairs."""
-    text = "\n".join(f"{name} {h}" for name, h in sorted(file_hashes.items()))
+    """One hash for a whole checkpoint: the sha256 of its sorted (file name, file digest) pairs.
+    sha256 digests enter bare, as before digests named their algorithm, so that caches keyed by
+    then (a 7B model's dense evaluation takes hours) still hit."""
+    text = "\n".join(f"{name} {h.removeprefix('sha256:')}" for name, h in sorted(file_hashes.items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

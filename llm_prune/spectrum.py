@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .fingerprint import checkpoint_fingerprint, file_sha256
+from .fingerprint import checkpoint_fingerprint, file_digest
 from .paths import atomic_write_text, cache_dir
 
 ESTIMATOR = "hill-xmin-median-fp32-v1"
@@ -58,7 +58,7 @@ class SpectrumCache:
 
     def path(self) -> Path:
         if self._path is None:
-            fp = checkpoint_fingerprint({f: file_sha256(self.root / f) for f in self.files})
+            fp = checkpoint_fingerprint({f: file_digest(self.root / f) for f in self.files})
             self._path = cache_dir() / "spectra" / f"{fp}.json"
         return self._path
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fingerprint import sha256_of
+from .fingerprint import digest_of
 from .paths import atomic_write_text, make_dir, publish_dir
 from .reader import SAFE_INDEX, WEIGHT_INDEXES, WEIGHT_SUFFIXES, FileBytes, Unit, safetensors_dtype_name
 
@@ -302,7 +302,7 @@ class ShardWriter:
         """Publish a finished shard (holding ``names``) in the partial directory and log it."""
         path = self.tmp / file
         os.replace(self._part(file), path)
-        self._hashes[file] = self._hashing.submit(sha256_of, path)
+        self._hashes[file] = self._hashing.submit(digest_of, path)
         entry = {"file": file, "bytes": path.stat().st_size, "tensors": sorted(names), **record}
         line = {"unit": unit.key, **entry, **({"state": state} if state is not None else {})}
         with self._lock:  # units with nothing to prune are committed from the writer thread
@@ -346,7 +346,7 @@ class ShardWriter:
                manifest: str | None = None) -> None:
         """Write the index, copy side files, add extra JSON files, then publish atomically.
         ``before_publish(directory)`` may add files to the complete checkpoint first. ``manifest``
-        names the extra JSON file that gets ``output.files``: the sha256 of every other file."""
+        names the extra JSON file that gets ``output.files``: the digest of every other file."""
         atomic_write_text(self.tmp / self.index_name, json.dumps(index, indent=2))
         copy_side_files(side_src, self.tmp)
         for name, payload in extra_json.items():
@@ -362,13 +362,13 @@ class ShardWriter:
         publish_dir(self.tmp, self.out)  # an existing output is only there with --overwrite
 
     def _file_hashes(self, exclude: set[str]) -> dict[str, str]:
-        """sha256 of every file in the partial directory: shards from their hashing thread, the
+        """The digest of every file in the partial directory: shards from their hashing thread, the
         rest (and shards a resumed run inherited) now."""
         out = {}
         for f in sorted(self.tmp.iterdir()):
             if f.is_file() and f.name not in exclude:
                 job = self._hashes.get(f.name)
-                out[f.name] = job.result() if job is not None else sha256_of(f)
+                out[f.name] = job.result() if job is not None else digest_of(f)
         return out
 
     def abort(self) -> None:

@@ -7,8 +7,9 @@ Exports the packaged SmolLM2 (bf16) at layer, global and 2:4 OMP in every format
 SparseGPT (small calibration), MiniLM (fp32) at layer and global, and a tiny GPT-2 (Conv1D,
 weights stored [in, out]) at 2:4; then prunes the same at load time, loads the exports back and
 raises a loaded model's sparsity. Every weight file is hashed; ``sparsity.json`` is hashed
-without the fields that change from run to run (time, peak memory, paths) and without its
-manifest of the other files' hashes (each of those files is compared on its own).
+without the fields that change from run to run (time, peak memory, paths), without its
+manifest of the other files' hashes (each of those files is compared on its own) and without the
+source's digests.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _digest_dir(path: Path) -> dict[str, str]:
             report = json.loads(f.read_text())
             report.pop("run", None)
             report.pop("output", None)  # the manifest: hashes of the other files, compared one by one here
-            report.get("source", {}).pop("path", None)
+            # The source's digests describe the input, not the export (and changed algorithm once)
+            for key in ("path", "files", "fingerprint"):
+                report.get("source", {}).pop(key, None)
             report.get("calibration", {}).pop("seconds_per_block", None)
             report.get("calibration", {}).pop("block_seconds", None)
             out[f.name] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""Source hashes computed from the byte ranges a run reads (``SourceHasher``) are the files' sha256."""
+"""Source digests computed from the byte ranges a run reads (``SourceHasher``) are the files' BLAKE3;
+digests name their algorithm, and sha256 ones (hub blobs, manifests and memos of older versions) still count."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 import os
 
 import pytest
+import blake3
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from llm_prune import fingerprint
-from llm_prune.fingerprint import SourceHasher, known_sha256
+from llm_prune.fingerprint import SourceHasher, known_digest
 from llm_prune.pipeline import prune_checkpoint
 from llm_prune.config import PruneConfig, Sparsity
 
@@ -20,13 +22,13 @@ def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
 
 
-def _sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _b3(path) -> str:
+    return "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), size=st.integers(0, 300_000))
-def test_any_reads_in_any_order_give_the_files_sha256(tmp_path, data, size):
+def test_any_reads_in_any_order_give_the_files_digest(tmp_path, data, size):
     # Ranges read in pieces, out of order, overlapping, with holes and a piece never read.
     # A file of its own per example: an example hypothesis abandons half-way must not have its
     # hashing thread read a file the next example rewrites.
@@ -43,7 +45,7 @@ def test_any_reads_in_any_order_give_the_files_sha256(tmp_path, data, size):
                 hasher.read(path.name, a, b - a)
                 if again[i]:  # read again, in part
                     hasher.read(path.name, a, max(0, (b - a) // 2))
-        assert hasher.digests() == {path.name: _sha(path)}
+        assert hasher.digests() == {path.name: _b3(path)}
     path.unlink()
 
 
@@ -57,7 +59,7 @@ def test_large_file_read_block_by_block(tmp_path):
     hasher = SourceHasher(tmp_path, [path.name], {path.name: 100})
     for a, b in ranges[1::2] + ranges[::2]:
         hasher.read(path.name, a, b - a)
-    assert hasher.digests()[path.name] == _sha(path)
+    assert hasher.digests()[path.name] == _b3(path)
 
 
 def test_digests_are_remembered_and_known_files_are_not_hashed(tmp_path, monkeypatch):
@@ -65,8 +67,8 @@ def test_digests_are_remembered_and_known_files_are_not_hashed(tmp_path, monkeyp
     a.write_bytes(b"x" * 1000)
     b.write_bytes(b"y" * 1000)
     first = SourceHasher(tmp_path, [a.name, b.name]).digests()
-    assert first == {a.name: _sha(a), b.name: _sha(b)}
-    assert known_sha256(a) == _sha(a)  # remembered for later runs
+    assert first == {a.name: _b3(a), b.name: _b3(b)}
+    assert known_digest(a) == _b3(a)  # remembered for later runs
 
     def never(*_):
         raise AssertionError("a known file was hashed again")
@@ -85,40 +87,40 @@ def test_an_error_keeps_nothing(tmp_path):
         with SourceHasher(tmp_path, [path.name]) as hasher:
             hasher.read(path.name, 0, 2000)
             raise RuntimeError("the run failed")
-    assert known_sha256(path) is None
+    assert known_digest(path) is None
 
 
 def test_export_hashes_the_source_without_a_second_read(tmp_path, tiny_llama, monkeypatch):
     # First contact: nothing known; the export records every source file's sha256 without
-    # hashing any file on its own (file_sha256 / sha256_of), and remembers them.
+    # hashing any file on its own (file_digest / sha256_of), and remembers them.
     def own_read(*_):
         raise AssertionError("the source was hashed by a separate read")
 
-    monkeypatch.setattr(fingerprint, "sha256_of", own_read)
+    monkeypatch.setattr(fingerprint, "digest_of", own_read)
     files = sorted(p.name for p in tiny_llama.glob("*.safetensors"))
-    assert len(files) > 1 and all(known_sha256(tiny_llama / f) is None for f in files)
+    assert len(files) > 1 and all(known_digest(tiny_llama / f) is None for f in files)
     for scope, out in (("layer", "o1"), ("global", "o2")):
         report = prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity.parse(0.5), scope=scope), tmp_path / out,
                                   progress=False)
-        assert report["source"]["files"] == {f: _sha(tiny_llama / f) for f in files}
+        assert report["source"]["files"] == {f: _b3(tiny_llama / f) for f in files}
         recorded = json.loads((tmp_path / out / "sparsity.json").read_text())["source"]["files"]
         assert recorded == report["source"]["files"]
-    assert all(known_sha256(tiny_llama / f) == _sha(tiny_llama / f) for f in files)
+    assert all(known_digest(tiny_llama / f) == _b3(tiny_llama / f) for f in files)
 
 
 def test_memo_is_parsed_once_and_again_when_it_changes(tmp_path, monkeypatch):
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"first"), b.write_bytes(b"second")
-    fingerprint.file_sha256(a)
+    fingerprint.file_digest(a)
     parses = []
     real_loads = json.loads
     monkeypatch.setattr(fingerprint.json, "loads", lambda s: parses.append(1) or real_loads(s))
     for _ in range(3):
-        assert known_sha256(a) == _sha(a)
+        assert known_digest(a) == _b3(a)
     assert len(parses) == 1  # one parse, then the in-process copy
-    assert known_sha256(b) is None
-    fingerprint.file_sha256(b)  # rewrites the memo (unchanged since its parse: not parsed again)
-    assert known_sha256(b) == _sha(b) and known_sha256(a) == _sha(a)
+    assert known_digest(b) is None
+    fingerprint.file_digest(b)  # rewrites the memo (unchanged since its parse: not parsed again)
+    assert known_digest(b) == _b3(b) and known_digest(a) == _b3(a)
     assert len(parses) == 2  # the rewritten file, once
     memo = tmp_path / "cache" / "hashes.json"  # another process adds an entry
     memo.write_text(json.dumps({**real_loads(memo.read_text()), "x|1|2": "0" * 64}))
@@ -129,9 +131,40 @@ def test_memo_drops_entries_of_files_gone_or_changed(tmp_path):
     a, b, c = (tmp_path / f"{n}.bin" for n in "abc")
     for f in (a, b, c):
         f.write_bytes(f.name.encode())
-    fingerprint.file_sha256(a), fingerprint.file_sha256(b)
+    fingerprint.file_digest(a), fingerprint.file_digest(b)
     b.unlink()
     a.write_bytes(b"a, longer now")  # another size: another key
-    fingerprint.file_sha256(c)
+    fingerprint.file_digest(c)
     memo = json.loads((tmp_path / "cache" / "hashes.json").read_text())
     assert [k.rpartition("|")[0].rpartition("|")[0] for k in memo] == [os.path.realpath(c)]
+
+
+def test_sha256_digests_still_count(tmp_path):
+    # A hub blob's name is its sha256; a memo entry written before BLAKE3 is a bare sha256.
+    data = b"weights" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    blob = tmp_path / "hub" / "blobs" / sha
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    link = tmp_path / "hub" / "model.safetensors"
+    link.symlink_to(blob)
+    assert known_digest(link) == f"sha256:{sha}"
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(data)
+    fingerprint._remember({fingerprint._memo_key(old)[1]: sha})
+    assert known_digest(old) == f"sha256:{sha}" == fingerprint.file_digest(old)
+    for digest in (sha, f"sha256:{sha}"):
+        assert fingerprint.matches(old, digest) and fingerprint.matches(link, digest)
+    assert fingerprint.matches(old, _b3(old), threads=-1)
+    assert not fingerprint.matches(old, "blake3:" + "0" * 64)
+    with pytest.raises(ValueError, match="unknown digest algorithm 'md5'"):
+        fingerprint.matches(old, "md5:" + "0" * 32)
+
+
+def test_fingerprints_of_sha256_digests_are_those_made_before_blake3():
+    # Caches keyed by a checkpoint's fingerprint (dense evaluations that took hours) still hit.
+    old = hashlib.sha256("a.safetensors {}\nb.safetensors {}".format("1" * 64, "2" * 64).encode()).hexdigest()
+    assert fingerprint.checkpoint_fingerprint({"b.safetensors": "sha256:" + "2" * 64,
+                                               "a.safetensors": "sha256:" + "1" * 64}) == old
+    assert fingerprint.checkpoint_fingerprint({"a.safetensors": "blake3:" + "1" * 64,
+                                               "b.safetensors": "sha256:" + "2" * 64}) != old

@@ -201,12 +201,12 @@ def test_damaged_tables_are_rebuilt(tmp_path, tiny_llama, damage):
 def test_first_global_load_hashes_beside_the_table_pass(tmp_path, tiny_llama):
     # No hash known yet: the tables are computed while the files are hashed, and cached under the
     # hash once both are done; the next load finds them without any pass.
-    from llm_prune.fingerprint import known_sha256
+    from llm_prune.fingerprint import known_digest
 
     shards = sorted(tiny_llama.glob("*.safetensors"))
-    assert all(known_sha256(f) is None for f in shards)
+    assert all(known_digest(f) is None for f in shards)
     first = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)
-    assert all(known_sha256(f) is not None for f in shards)
+    assert all(known_digest(f) is not None for f in shards)
     assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 1
     assert_bitwise(first, export_then_load(tiny_llama, tmp_path / "out", 0.5, None, "global"))
 

@@ -1,6 +1,7 @@
 """The streaming pipeline against the simple in-memory way, and the exported checkpoint in transformers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_streaming_equals_inmemory_and_loads(tiny_llama, tmp_path, cfg):
     saved = json.loads((out / "sparsity.json").read_text())
     assert saved["method"] == "omp" and saved["scope"] == cfg.scope
     assert set(saved["source"]["files"]) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    assert all(len(h) == 64 for h in saved["source"]["files"].values())
+    assert all(re.fullmatch(r"blake3:[0-9a-f]{64}", h) for h in saved["source"]["files"].values())
     assert not list(tmp_path.glob(".*partial"))
     # Untargeted tensors (embeddings, norms, head) pass through bit for bit.
     dense = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).state_dict()

@@ -50,6 +50,31 @@ def test_a_flipped_byte_is_found(tiny_llama, tmp_path, capsys):
     assert code == 1 and f"PROBLEM  {shard.name} does not hash as recorded" in text
 
 
+def test_digests_of_older_manifests_and_unknown_algorithms(tiny_llama, tmp_path, capsys):
+    # Manifests written before BLAKE3 hold bare sha256 digests: they verify as they did. A digest
+    # whose algorithm llm-prune does not know is one problem, not a crash.
+    import hashlib
+
+    out = export(tiny_llama, tmp_path / "out")
+    manifest = out / "sparsity.json"
+    report = json.loads(manifest.read_text())
+    files = report["output"]["files"]
+    assert all(d.startswith("blake3:") for d in files.values())
+    sources = report["source"]["files"]
+    for section, root in ((files, out), (sources, tiny_llama)):
+        for name in section:
+            section[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(report))
+    code, text = verify(capsys, out)
+    assert code == 0 and "PROBLEM" not in text and "source files hashed" in text
+    name = sorted(files)[0]
+    files[name] = "md5:" + "0" * 32
+    manifest.write_text(json.dumps(report))
+    code, text = verify(capsys, out)
+    assert code == 1 and text.count("PROBLEM") == 1
+    assert f"PROBLEM  {name}: unknown digest algorithm 'md5' in sparsity.json" in text
+
+
 def test_a_changed_sparsity_is_found(tiny_llama, tmp_path, capsys):
     out = export(tiny_llama, tmp_path / "out")
     name, shard = target_shard(out)

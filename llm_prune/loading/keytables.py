@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from tqdm.auto import tqdm
 
-from ..fingerprint import SourceHasher, checkpoint_fingerprint, file_sha256, known_sha256
+from ..fingerprint import SourceHasher, checkpoint_fingerprint, file_digest, known_digest
 from ..magnitude import KeyTable, bucket_table, deal_ties, key_table, quantile_keys, table_threshold
 from ..paths import atomic_save_tensors, atomic_write_text, cache_dir
 from .decode import DenseSource
@@ -44,7 +44,7 @@ class TableCache:
         """Keyed by the content of the checkpoint files (hashed once, then remembered by size/mtime)."""
         if self._fingerprint is None:
             reader = self.source.reader
-            self._fingerprint = checkpoint_fingerprint({f: file_sha256(reader.path / f) for f in reader.files})
+            self._fingerprint = checkpoint_fingerprint({f: file_digest(reader.path / f) for f in reader.files})
         return self._path()
 
     def _path_of(self, digests: dict[str, str]) -> Path:
@@ -63,7 +63,7 @@ class TableCache:
         tables are written from ``saver`` once both are done, while the caller goes on (it waits
         for ``saver`` at its end)."""
         reader = self.source.reader
-        known = all(known_sha256(reader.path / f) is not None for f in reader.files)
+        known = all(known_digest(reader.path / f) is not None for f in reader.files)
         tables = _read_tables(self.path()) if known else {}
         missing = [n for n in names if n not in tables]
         if not missing:
