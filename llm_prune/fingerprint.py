@@ -9,11 +9,11 @@ algorithm, as OCI's do: ``"blake3:<hex>"`` or ``"sha256:<hex>"``.
 * Every file llm-prune hashes itself gets BLAKE3, the fastest cryptographic hash with a
   well-kept Python binding: a run hashes every byte it writes and, the first time it meets a
   checkpoint, every byte it reads, on cores the pruning keeps busy (BENCHMARKS.md, session 20).
-* A digest without a prefix is a sha256: manifests and memo entries written before BLAKE3.
 * Other files are hashed once and remembered in ``<cache>/hashes.json`` under (real path,
   size, mtime_ns), so a sweep of runs over one checkpoint hashes it once; that once is while
   the run reads the file anyway (``SourceHasher``): the hash follows the reads, so its bytes
   come from the page cache instead of a second read of the disk.
+* A digest without a prefix is a sha256: manifests and memo entries written before BLAKE3.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def split(digest: str) -> tuple[str, str]:
     """(algorithm, hex) of a digest; a bare hex string is a sha256 (written before BLAKE3)."""
     algorithm, sep, hexdigest = digest.rpartition(":")
     return (algorithm, hexdigest) if sep else ("sha256", digest)
+
+
+def named(digest: str) -> str:
+    """The digest with its algorithm's name in front (bare sha256 digests gain theirs)."""
+    return "{}:{}".format(*split(digest))
 
 
 def file_digest(path: Path) -> str:
@@ -75,7 +80,7 @@ def known_digest(path: Path) -> str | None:
     if _SHA256.match(real.name) and real.parent.name == "blobs":
         return f"sha256:{real.name}"
     known = _load(cache_dir() / "hashes.json").get(key)
-    return None if known is None else "{}:{}".format(*split(known))
+    return None if known is None else named(known)
 
 
 _CHUNK = 64 << 20
@@ -100,7 +105,7 @@ def matches(path: Path, digest: str, threads: int = 1) -> bool:
     algorithm, _ = split(digest)
     if algorithm not in _HASHES:
         raise ValueError(f"unknown digest algorithm {algorithm!r}")
-    return digest_of(path, algorithm, threads) == "{}:{}".format(*split(digest))
+    return digest_of(path, algorithm, threads) == named(digest)
 
 
 class SourceHasher:

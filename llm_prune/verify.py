@@ -71,7 +71,6 @@ def _manifest(path: Path) -> dict:
 
 
 def _files(path: Path, report: dict, v: Verdict) -> None:
-
     listed = (report.get("output") or {}).get("files")
     if not isinstance(listed, dict):
         v.problems.append(f"{MANIFEST} lists no output files (written by an llm-prune older than its manifest?)")
