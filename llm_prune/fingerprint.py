@@ -5,7 +5,8 @@ writes, and caches (global thresholds, dense baselines) are keyed by them. A dig
 algorithm, as OCI's do: ``"blake3:<hex>"`` or ``"sha256:<hex>"``.
 
 * Files in the Hugging Face cache are symlinks to blobs named by their sha256 (for LFS files):
-  that name is the digest (``sha256:<name>``), free, and the one the hub shows.
+  that name is the digest (``sha256:<name>``), free, and the one the hub shows. Files that
+  ``hf download --local-dir`` wrote have their sha256 in its record beside them: free too.
 * Every file llm-prune hashes itself gets BLAKE3, the fastest cryptographic hash with a
   well-kept Python binding: a run hashes every byte it writes and, the first time it meets a
   checkpoint, every byte it reads, on cores the pruning keeps busy (BENCHMARKS.md, session 20).
@@ -75,12 +76,38 @@ def _current(key: str) -> bool:
 
 
 def known_digest(path: Path) -> str | None:
-    """The file's digest when it costs nothing (a hub blob's name, or remembered), else None."""
+    """The file's digest when it costs nothing (a hub blob's name, a hub download's record, or
+    remembered), else None."""
     real, key = _memo_key(path)
     if _SHA256.match(real.name) and real.parent.name == "blobs":
         return f"sha256:{real.name}"
+    downloaded = _local_dir_sha256(real)
+    if downloaded is not None:
+        return f"sha256:{downloaded}"
     known = _load(cache_dir() / "hashes.json").get(key)
     return None if known is None else named(known)
+
+
+def _local_dir_sha256(real: Path, levels: int = 4) -> str | None:
+    """The sha256 that ``hf download --local-dir`` recorded for a file, if it still holds.
+
+    huggingface_hub keeps ``<local dir>/.cache/huggingface/download/<repo path>.metadata`` (three
+    lines: commit, etag, timestamp); an LFS file's etag is its sha256 (a 40-hex git blob id is
+    not, and is ignored). Trusted as huggingface_hub trusts it, while the file is no newer than
+    the record (1 s of slack). Read here rather than through huggingface_hub's reader, which
+    takes a lock file and deletes records it cannot parse: a source is never written.
+    """
+    for up in range(min(levels, len(real.parents) - 1)):
+        local_dir = real.parents[up]
+        record = local_dir.joinpath(".cache", "huggingface", "download", *real.parts[-1 - up:]).with_name(
+            real.name + ".metadata")
+        try:
+            _, etag, stamp = record.read_text().splitlines()[:3]
+            fresh = real.stat().st_mtime - 1 <= float(stamp)
+        except (OSError, ValueError):
+            continue
+        return etag.strip() if fresh and _SHA256.match(etag.strip()) else None
+    return None
 
 
 _CHUNK = 64 << 20

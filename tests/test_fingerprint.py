@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import blake3
@@ -168,3 +169,58 @@ def test_fingerprints_of_sha256_digests_are_those_made_before_blake3():
                                                "a.safetensors": "sha256:" + "1" * 64}) == old
     assert fingerprint.checkpoint_fingerprint({"a.safetensors": "blake3:" + "1" * 64,
                                                "b.safetensors": "sha256:" + "2" * 64}) != old
+
+
+def _local_dir_record(local_dir, repo_path, etag, stamp):
+    record = local_dir / ".cache" / "huggingface" / "download" / (repo_path + ".metadata")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(f"{'c' * 40}\n{etag}\n{stamp}\n")
+    return record
+
+
+def test_a_hub_local_dir_download_records_the_sha256(tmp_path):
+    # `hf download --local-dir` leaves (commit, etag, timestamp) per file; an LFS file's etag is
+    # its sha256, trusted while the file is no newer than the record (huggingface_hub's rule).
+    root = tmp_path / "vicuna"
+    (root / "sub").mkdir(parents=True)
+    top, nested = root / "model.safetensors", root / "sub" / "model.safetensors"
+    for f in (top, nested):
+        f.write_bytes(os.urandom(5000))
+    sha = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in (top, nested)}
+    stamp = top.stat().st_mtime + 0.5
+    record = _local_dir_record(root, "model.safetensors", sha[top], stamp)
+    _local_dir_record(root, "sub/model.safetensors", sha[nested], stamp)
+    before = record.read_text()
+    assert known_digest(top) == f"sha256:{sha[top]}" and known_digest(nested) == f"sha256:{sha[nested]}"
+    assert fingerprint.matches(top, known_digest(top))
+    assert record.read_text() == before and not list(record.parent.glob("*.lock"))  # nothing written
+    # A file changed after its download is hashed again; so is one whose etag is a git blob id.
+    os.utime(top, (stamp + 5, stamp + 5))
+    assert known_digest(top) is None
+    _local_dir_record(root, "sub/model.safetensors", "b" * 40, stamp)
+    assert known_digest(nested) is None
+    _local_dir_record(root, "sub/model.safetensors", "not a record", "never")
+    assert known_digest(nested) is None
+
+
+def test_export_from_a_local_dir_download_hashes_nothing(tmp_path, tiny_llama, monkeypatch):
+    import shutil
+
+    from huggingface_hub._local_folder import write_download_metadata
+
+    src = tmp_path / "downloaded"
+    shutil.copytree(tiny_llama, src)
+    files = sorted(p.name for p in src.glob("*.safetensors"))
+    for f in files:  # the record as huggingface_hub itself writes it after a download
+        write_download_metadata(src, f, "c" * 40, hashlib.sha256((src / f).read_bytes()).hexdigest())
+
+    hash_file = fingerprint._Prefix.__init__
+
+    def outputs_only(self, path, *args):
+        assert src not in Path(path).parents, f"{path} has a download record, yet was hashed"
+        hash_file(self, path, *args)
+
+    monkeypatch.setattr(fingerprint._Prefix, "__init__", outputs_only)
+    report = prune_checkpoint(src, PruneConfig(sparsity=Sparsity.parse(0.5)), tmp_path / "out", progress=False)
+    assert report["source"]["files"] == {f: "sha256:" + hashlib.sha256((src / f).read_bytes()).hexdigest()
+                                         for f in files}
