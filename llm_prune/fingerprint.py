@@ -81,11 +81,11 @@ def known_digest(path: Path) -> str | None:
     real, key = _memo_key(path)
     if _SHA256.match(real.name) and real.parent.name == "blobs":
         return f"sha256:{real.name}"
+    known = _load(cache_dir() / "hashes.json").get(key)  # parsed once per process: before any file read
+    if known is not None:
+        return named(known)
     downloaded = _local_dir_sha256(real)
-    if downloaded is not None:
-        return f"sha256:{downloaded}"
-    known = _load(cache_dir() / "hashes.json").get(key)
-    return None if known is None else named(known)
+    return None if downloaded is None else f"sha256:{downloaded}"
 
 
 def _local_dir_sha256(real: Path, levels: int = 4) -> str | None:

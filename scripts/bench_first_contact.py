@@ -70,10 +70,12 @@ def main() -> int:
     return 0
 
 
-def _settle(out: Path) -> None:
+def _clear(out: Path, settle: bool) -> None:
+    """Remove the last output; with ``settle``, also wait for its write-back and rest."""
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
-    time.sleep(3)
+    if settle:
+        subprocess.run(["sync"], check=True)
+        time.sleep(3)
 
 
 def _round(exe: list[str], ckpt: Path, out: Path, n: int, imports: float, cp: bool, settle: bool = False,
@@ -84,16 +86,16 @@ def _round(exe: list[str], ckpt: Path, out: Path, n: int, imports: float, cp: bo
     row = {"blocks": n, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
     try:
         for label in ("first", "cached"):
-            _settle(out) if settle else shutil.rmtree(out, ignore_errors=True)
+            _clear(out, settle)
             if warm_source:
-                subprocess.run(f"cat {ckpt}/* > /dev/null", shell=True, check=True)
+                subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, sorted(ckpt.iterdir()))], check=True)
             cpu: dict = {}
             row[f"{label}_s"], row[f"{label}_rss_mib"] = timed([*exe, str(ckpt), "--sparsity", "0.5", "--out", str(out),
                                                                 "--quiet"], env, cpu)
             row[f"{label}_user_s"], row[f"{label}_sys_s"] = cpu["user"], cpu["system"]
         row["first_over_cached_time"] = row["first_s"] / row["cached_s"]
         if cp:  # the copy the export is measured against, right after (page cache as warm)
-            _settle(out) if settle else shutil.rmtree(out, ignore_errors=True)
+            _clear(out, settle)
             row["cp_s"], _ = timed(["cp", "-r", str(ckpt), str(out)], env)
             row["first_over_cp"], row["cached_over_cp"] = row["first_s"] / row["cp_s"], row["cached_s"] / row["cp_s"]
         row["first_rss_blocks_above_imports"] = (row["first_rss_mib"] - imports) / row["block_mib"]
