@@ -1,12 +1,22 @@
 """Evaluation hand-off: lm-eval tasks (MMLU categories, ARC-Easy, PIQA, HellaSwag) and token
-perplexity, for in-memory models or checkpoint directories, beside a cached dense baseline."""
+perplexity, for in-memory models or checkpoint directories, beside a cached dense baseline.
 
-from .api import dense_results, evaluate_path, evaluate_pruned
-from .harness import evaluate
-from .mmlu import CATEGORIES, SUBJECTS, aggregate_categories
-from .perplexity import token_perplexity
-from .results import compare, format_rows, write_outputs
-from .settings import EvalSettings
+The names below load their module on first use (PEP 562): the CLI builds its parser from
+``llm_prune.eval.cli`` and ``settings`` without importing torch, so ``--help`` and a bad
+argument answer at once."""
 
-__all__ = ["CATEGORIES", "SUBJECTS", "EvalSettings", "aggregate_categories", "compare", "dense_results", "evaluate",
-           "evaluate_path", "evaluate_pruned", "format_rows", "token_perplexity", "write_outputs"]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {"dense_results": "api", "evaluate_path": "api", "evaluate_pruned": "api", "evaluate": "harness",
+          "CATEGORIES": "mmlu", "SUBJECTS": "mmlu", "aggregate_categories": "mmlu", "token_perplexity": "perplexity",
+          "compare": "results", "format_rows": "results", "write_outputs": "results", "EvalSettings": "settings"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

@@ -37,10 +37,6 @@ from .config import PruneConfig, Sparsity
 from .errors import UserError
 from .magnitude import prune_count
 
-# λ, the band's half-width, when --allocation-band is not given. OWL: the paper's LLaMA setting.
-# alpha: AlphaPruning scales s by [1-ε, 1+ε] with ε = 0.3 in its LLaMA-7B runs at 70% (±0.21);
-# as an additive band, 0.2.
-DEFAULT_BAND = {"owl": 0.08, "alpha": 0.2}
 # Which way a metric pushes: OWL's outliers protect a block, AlphaPruning's large α exposes it.
 HIGHER_PRUNES_MORE = {"owl": False, "alpha": True}
 METRIC_NAME = {"owl": "outlier_ratio", "alpha": "mean_hill_alpha"}

@@ -22,18 +22,21 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .config import REFERENCE_SEQLEN
 from .errors import UserError
 from .runtime import require, resolve_device
 
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parser reads this module
+    import torch
+
 DEFAULT_SOURCE = "embedded"
 MAX_SEQLEN = REFERENCE_SEQLEN  # longer contexts only cost time
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes, by name
 # Mixed precision (torch.autocast): activations, the residual stream, norms and statistics stay
 # fp32; only the matmuls inside the block forwards run in the narrow dtype.
-MIXED = {"bf16-mixed": torch.bfloat16}
+MIXED = {"bf16-mixed": "bfloat16"}
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 # name -> (dataset path, config, load_dataset kwargs, split); the files the papers calibrate on
 HUB_DATASETS = {
@@ -71,6 +74,8 @@ class CalibConfig:
         if self.blocksize < 1:
             raise UserError(f"--blocksize must be at least 1, got {self.blocksize}")
         if self.dtype == "auto":  # resolved here, so reports, resume keys and caches name the real one
+            import torch
+
             try:
                 device = resolve_device(self.device)
             except UserError:  # refused where a device is used: calibrated runs only
@@ -90,11 +95,15 @@ class CalibConfig:
 
     def torch_dtype(self) -> torch.dtype:
         """The dtype activations are stored in and blocks are built in."""
-        return DTYPES.get(self.dtype, torch.float32)
+        import torch
+
+        return getattr(torch, self.dtype if self.dtype in DTYPES else "float32")
 
     def matmul_dtype(self) -> torch.dtype | None:
         """The dtype block forwards autocast their matmuls to (None: no autocast)."""
-        return MIXED.get(self.dtype)
+        import torch
+
+        return getattr(torch, MIXED[self.dtype]) if self.dtype in MIXED else None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,6 +114,8 @@ def default_act_dtype(device: torch.device) -> str:
     them; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere, where they are emulated and slower
     than fp32. On SmolLM2 the two give the same perplexity within the spread of calibration seeds
     (BENCHMARKS.md)."""
+    import torch
+
     if device.type == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
@@ -215,6 +226,8 @@ def _from_datasets(source: str) -> list[str]:
 def tokenize(tokenizer, docs: list[str], max_tokens: int | None = None, batch: int = 256) -> torch.Tensor:
     """One stream of token ids: documents tokenized separately (no special tokens), joined by a
     blank line; stops once ``max_tokens`` are reached (for large hub datasets)."""
+    import torch
+
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for i in range(0, len(docs), batch):
@@ -233,6 +246,8 @@ def draw_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what:
     The text must hold at least ``nsamples * seqlen`` tokens, so that the windows could be
     disjoint; less would calibrate on the same tokens many times over.
     """
+    import torch
+
     need = nsamples * seqlen
     if ids.numel() < need:
         raise UserError(f"{what} has {ids.numel():,} tokens; {nsamples} windows of {seqlen} need at least "

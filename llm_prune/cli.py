@@ -21,8 +21,11 @@ import argparse
 import atexit
 import ctypes
 import gc
+import importlib
+import importlib.util
 import json
 import os
+import pkgutil
 import sys
 import threading
 from pathlib import Path
@@ -53,10 +56,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The prune verb's parser, built without importing torch: --help, --version and a bad
+    argument answer before the heavy imports (BENCHMARKS.md, session 21)."""
     from .calibration import add_calibration_arguments
     from .config import DEFAULT_TARGETS, SCOPES
     from .eval import cli as eval_cli
-    from .methods import METHODS
     from .models import ALIASES, DEFAULT_MODEL, EMBEDDED
 
     p = Parser(
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="checkpoint directory, hub id (owner/name) or known short name")
-    p.add_argument("--method", default="omp", choices=sorted(METHODS), help="pruning method (default: omp)")
+    p.add_argument("--method", default="omp", choices=method_names(), help="pruning method (default: omp)")
     p.add_argument("--sparsity", help="fraction of targeted weights to remove, in [0, 1)")
     p.add_argument("--pattern", help="N:M pattern: keep at most N of every M weights along the input dim")
     p.add_argument("--permute", action="store_true",
@@ -106,10 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def method_names() -> list[str]:
+    """The methods --method accepts: the built-in ones, one file each in llm_prune/methods named
+    like the method it registers (tested), listed without importing the package (which imports
+    torch); and, where the caller's code has imported it, whatever that code registered."""
+    spec = importlib.util.find_spec(".methods", __package__)
+    names = {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)}
+    registry = sys.modules.get(spec.name)
+    return sorted(names | set(registry.METHODS if registry is not None else ()))
+
+
 def add_allocation_arguments(p: argparse.ArgumentParser) -> None:
     """--allocation and its settings (the prune verb and the sweep)."""
-    from .allocation import DEFAULT_BAND
-    from .config import ALLOCATIONS
+    from .config import ALLOCATIONS, DEFAULT_BAND
 
     bands = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BAND.items())
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
@@ -164,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str], own: bool) -> int:
     try:
         if own:
-            _own_process()
+            _fixed_mmap_threshold()
         if argv[:1] and argv[0] in VERBS:
-            return _verb(argv[0], argv[1:])
-        return _prune(_parse(build_parser(), argv[1:] if argv[:1] == ["prune"] else argv))
+            return _verb(argv[0], argv[1:], own)
+        return _prune(_parse(build_parser(), argv[1:] if argv[:1] == ["prune"] else argv), own)
     except UserError as e:
         print(f"llm-prune: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -202,22 +215,22 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _own_process() -> None:
-    """Process-wide settings only the program itself may make (never a library call).
+def _import(name: str, own: bool):
+    """Import module ``name``, the command's heavy imports; as the program (``own``), with the
+    cyclic GC paused, a process-wide setting only the program itself may make.
 
     torch, transformers and numba create ~10^6 long-lived objects on import: with the cyclic GC
     paused they are walked once instead of again and again while they load, and frozen after,
     out of the collector's sight for the rest of the run (its full collections then skip them,
-    and exit is shorter). glibc's mmap threshold is fixed so that freed per-tensor temporaries
-    go back to the OS between blocks instead of staying in its heaps."""
+    and exit is shorter)."""
+    if not own:
+        return importlib.import_module(name)
     gc.disable()
     try:
-        build_parser()  # imports what every command needs
-        from . import pipeline  # noqa: F401
+        return importlib.import_module(name)
     finally:
         gc.freeze()
         gc.enable()
-    _fixed_mmap_threshold()
 
 
 class _Exit(Exception):
@@ -234,27 +247,27 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
         raise _Exit(e.code if isinstance(e.code, int) else 2) from None
 
 
-def _verb(name: str, argv: list[str]) -> int:
-    import importlib
-
-    module = importlib.import_module(VERBS[name])
+def _verb(name: str, argv: list[str], own: bool) -> int:
+    module = _import(VERBS[name], own)
     p = Parser(prog=f"llm-prune {name}", description=module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
     return module.run(_parse(p, argv))
 
 
-def _prune(args: argparse.Namespace) -> int:
+def _prune(args: argparse.Namespace, own: bool = False) -> int:
     from .calibration import calib_config_from_args
     from .config import PruneConfig, Sparsity
     from .eval import cli as eval_cli
-    from .methods import get_method
     from .models import resolve_model
-    from .report import format_summary
 
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
                       scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude),
                       permute=args.permute, **allocation_kwargs(args))
+    _import("llm_prune.pipeline", own)  # torch and the rest, once the arguments are known to be sane
+    from .methods import get_method
+    from .report import format_summary
+
     method = get_method(cfg.method)
     method.check(cfg)  # a combination the method refuses, before any other work
     calib = calib_config_from_args(args, needed=method.needs_calibration)

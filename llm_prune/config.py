@@ -10,6 +10,10 @@ from .errors import UserError
 SCOPES = ("layer", "global")
 # How the requested sparsity is shared out between blocks (``llm_prune.allocation``).
 ALLOCATIONS = ("uniform", "owl", "alpha")
+# λ, the band's half-width, when --allocation-band is not given. OWL: the paper's LLaMA setting.
+# alpha: AlphaPruning scales s by [1-ε, 1+ε] with ε = 0.3 in its LLaMA-7B runs at 70% (±0.21);
+# as an additive band, 0.2.
+DEFAULT_BAND = {"owl": 0.08, "alpha": 0.2}
 # The window SparseGPT and Wanda calibrate with and measure LLaMA-family perplexity on: the
 # protocol both reference implementations pin, so our numbers compare with their tables.
 REFERENCE_SEQLEN = 2048
@@ -102,7 +106,7 @@ class PruneConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     exclude: tuple[str, ...] = ()
     allocation: str = "uniform"
-    band: float | None = None  # None: the allocation's default (``allocation.DEFAULT_BAND``)
+    band: float | None = None  # None: the allocation's default (``DEFAULT_BAND``)
     owl_m: float = 5.0  # OWL's M: an outlier scores above M x its block's mean (the paper's LLaMA setting)
     clip: bool = True  # False: OWL's reference shift, which may leave the band (``allocation.balance``)
     permute: bool = False  # N:M: choose groups after permuting input channels the checkpoint can absorb
@@ -136,8 +140,6 @@ class PruneConfig:
 
     @property
     def allocation_band(self) -> float:
-        from .allocation import DEFAULT_BAND
-
         return DEFAULT_BAND[self.allocation] if self.band is None else self.band
 
     def to_json(self) -> dict:

@@ -28,9 +28,27 @@ def test_importing_the_cli_and_the_library_imports_nothing_heavy():
     for code in ("import llm_prune.cli", "import llm_prune"):
         modules = _modules_after(code)
         assert not [h for h in (*HEAVY, "torch", "numba") if _loaded(modules, h)], code
-    # the parser (the calibration options' defaults) takes torch, nothing heavier
+    # nor does the parser: --help, --version and a bad argument answer before torch is imported
     modules = _modules_after("import llm_prune.cli; llm_prune.cli.build_parser()")
-    assert not [h for h in (*HEAVY, "numba") if _loaded(modules, h)]
+    assert not [h for h in (*HEAVY, "torch", "numba") if _loaded(modules, h)]
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--version"], 0), (["--method", "nope"], 2),
+                                        (["--sparsity", "1.5"], 2), (["--pattern", "3:2"], 2)])
+def test_help_version_and_bad_arguments_answer_without_importing_torch(tmp_path, args, code):
+    done = _program("", tmp_path, *args)
+    assert done.returncode == code, done.stderr
+    assert (done.stdout if code == 0 else done.stderr).strip()  # the answer, on the right stream
+    probe = _modules_after(f"from llm_prune.cli import main\nassert main({args!r}) == {code}")
+    assert not _loaded(probe, "torch")
+
+
+def test_the_parser_lists_every_built_in_method():
+    # file names are method names (the parser reads only the names); in a fresh process, where
+    # no test has registered a method of its own
+    code = ("from llm_prune.cli import method_names\nfrom llm_prune.methods import METHODS\n"
+            "assert method_names() == sorted(METHODS), (method_names(), sorted(METHODS))")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_an_omp_export_imports_neither_transformers_nor_lm_eval_nor_matplotlib(tmp_path, tiny_llama):
