@@ -22,10 +22,8 @@ import atexit
 import ctypes
 import gc
 import importlib
-import importlib.util
 import json
 import os
-import pkgutil
 import sys
 import threading
 from pathlib import Path
@@ -59,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The prune verb's parser, built without importing torch: --help, --version and a bad
     argument answer before the heavy imports (BENCHMARKS.md, session 21)."""
     from .calibration import add_calibration_arguments
+    from .commands import method_names
     from .config import DEFAULT_TARGETS, SCOPES
     from .eval import cli as eval_cli
     from .models import ALIASES, DEFAULT_MODEL, EMBEDDED
@@ -108,16 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --eval: prune on the fly while loading and write no checkpoint (results go to --out)")
     eval_cli.add_settings_arguments(g, prefix="eval-")
     return p
-
-
-def method_names() -> list[str]:
-    """The methods --method accepts: the built-in ones, one file each in llm_prune/methods named
-    like the method it registers (tested), listed without importing the package (which imports
-    torch); and, where the caller's code has imported it, whatever that code registered."""
-    spec = importlib.util.find_spec(".methods", __package__)
-    names = {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)}
-    registry = sys.modules.get(spec.name)
-    return sorted(names | set(registry.METHODS if registry is not None else ()))
 
 
 def add_allocation_arguments(p: argparse.ArgumentParser) -> None:

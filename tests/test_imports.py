@@ -43,10 +43,18 @@ def test_help_version_and_bad_arguments_answer_without_importing_torch(tmp_path,
     assert not _loaded(probe, "torch")
 
 
+def test_every_verbs_help_answers_without_importing_torch():
+    from llm_prune.cli import VERBS
+
+    code = ("import sys\nfrom llm_prune.cli import main\n"
+            f"assert all(main([verb, '--help']) == 0 for verb in {sorted(VERBS)!r})")
+    assert not _loaded(_modules_after(code), "torch")
+
+
 def test_the_parser_lists_every_built_in_method():
     # file names are method names (the parser reads only the names); in a fresh process, where
     # no test has registered a method of its own
-    code = ("from llm_prune.cli import method_names\nfrom llm_prune.methods import METHODS\n"
+    code = ("from llm_prune.commands import method_names\nfrom llm_prune.methods import METHODS\n"
             "assert method_names() == sorted(METHODS), (method_names(), sorted(METHODS))")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -8,7 +8,10 @@ into the library's configs and calls one function; nothing below it sees argv.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import pkgutil
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -73,3 +76,13 @@ def levels_from(sparsities: str | None, patterns: str | None) -> list:
     if not levels:
         raise UserError("give --sparsities (e.g. 0.1:0.7:0.05) and/or --pattern N:M[,N:M...]")
     return levels
+
+
+def method_names() -> list[str]:
+    """The methods --method accepts: the built-in ones, one file each in llm_prune/methods named
+    like the method it registers (tested), listed without importing the package (which imports
+    torch); and, where the caller's code has imported it, whatever that code registered."""
+    spec = importlib.util.find_spec("..methods", __package__)
+    names = {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)}
+    registry = sys.modules.get(spec.name)
+    return sorted(names | set(registry.METHODS if registry is not None else ()))

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_output_arguments, add_selection_arguments, default_out, finish
+from . import add_output_arguments, add_selection_arguments, default_out, finish, method_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import SCOPES
-    from ..methods import METHODS
 
     p.add_argument("model", nargs="?", default="minilm-l6",
                    help="a BERT- or ViT-family checkpoint directory or known name (default: minilm-l6)")
     p.add_argument("--task", default="sst2", help="sst2, rte, mrpc, digits, a .csv/.jsonl file or an image folder")
-    p.add_argument("--method", default="omp", choices=sorted({"lth", *METHODS}),
+    p.add_argument("--method", default="omp", choices=sorted({"lth", *method_names()}),
                    help="omp: prune once, then fine-tune; lth: lottery tickets (iterative, rewinding)")
     p.add_argument("--sparsity", help="fraction of the targeted weights to remove (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern instead of a sparsity (omp)")

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_output_arguments, add_selection_arguments, default_out, finish
+from . import add_output_arguments, add_selection_arguments, default_out, finish, method_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..config import SCOPES
-    from ..methods import METHODS
     from ..models import DEFAULT_MODEL
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint directory, hub id or known short name")
     p.add_argument("--sparsity", help="prune to this sparsity (in memory, nothing written); without it and "
                                       "--pattern, count the zeros the checkpoint holds")
     p.add_argument("--pattern", help="N:M pattern instead of a sparsity")
-    p.add_argument("--method", default="omp", choices=sorted(METHODS), help="a data-free method (default: omp)")
+    p.add_argument("--method", default="omp", choices=method_names(), help="a data-free method (default: omp)")
     p.add_argument("--scope", default="layer", choices=SCOPES, help="layer, or global: one threshold over all targets")
     add_selection_arguments(p)
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_output_arguments, add_selection_arguments, default_out, finish, levels_from
+from . import add_output_arguments, add_selection_arguments, default_out, finish, levels_from, method_names
 from .finetune import add_training_arguments, config_from_args
 
 
@@ -21,11 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_allocation_arguments
     from ..config import SCOPES
     from ..eval import cli as eval_cli
-    from ..methods import METHODS
     from ..models import DEFAULT_MODEL
 
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="checkpoint directory, hub id or known short name")
-    p.add_argument("--method", default="omp", choices=sorted({"lth", *METHODS}),
+    p.add_argument("--method", default="omp", choices=sorted({"lth", *method_names()}),
                    help="pruning method (default: omp; lth needs --finetune)")
     p.add_argument("--sparsities", default=None,
                    help="levels: START:STOP:STEP (inclusive) or a comma list (default: 0.1:0.7:0.05 unless --pattern)")
