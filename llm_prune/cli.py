@@ -43,6 +43,7 @@ VERBS = {
     "verify": "llm_prune.commands.verify",
     "report": "llm_prune.commands.report",
 }
+NO_TORCH = {"report"}  # verbs whose run never imports torch
 
 
 class Parser(argparse.ArgumentParser):
@@ -237,11 +238,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def _verb(name: str, argv: list[str], own: bool) -> int:
-    module = _import(VERBS[name], own)
+    module = importlib.import_module(VERBS[name])
     p = Parser(prog=f"llm-prune {name}", description=module.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(p)
-    return module.run(_parse(p, argv))
+    args = _parse(p, argv)
+    if name not in NO_TORCH:
+        _import("llm_prune.pipeline", own)  # torch and the package's core, with the collector paused
+    return module.run(args)
 
 
 def _prune(args: argparse.Namespace, own: bool = False) -> int:
