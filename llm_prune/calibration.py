@@ -21,7 +21,6 @@ import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .config import REFERENCE_SEQLEN
