@@ -205,19 +205,20 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _import(name: str, own: bool):
-    """Import module ``name``, the command's heavy imports; as the program (``own``), with the
-    cyclic GC paused, a process-wide setting only the program itself may make.
+def _preload(name: str, own: bool) -> None:
+    """As the program (``own``): import module ``name``, the command's heavy imports, with the
+    cyclic GC paused, a process-wide setting only the program itself may make. A library call
+    of ``main`` leaves the command to import what it uses, as it would anyway.
 
     torch, transformers and numba create ~10^6 long-lived objects on import: with the cyclic GC
     paused they are walked once instead of again and again while they load, and frozen after,
     out of the collector's sight for the rest of the run (its full collections then skip them,
     and exit is shorter)."""
     if not own:
-        return importlib.import_module(name)
+        return
     gc.disable()
     try:
-        return importlib.import_module(name)
+        importlib.import_module(name)
     finally:
         gc.freeze()
         gc.enable()
@@ -244,7 +245,7 @@ def _verb(name: str, argv: list[str], own: bool) -> int:
     module.add_arguments(p)
     args = _parse(p, argv)
     if name not in NO_TORCH:
-        _import("llm_prune.pipeline", own)  # torch and the package's core, with the collector paused
+        _preload("llm_prune.pipeline", own)  # torch and the package's core, with the collector paused
     return module.run(args)
 
 
@@ -257,7 +258,7 @@ def _prune(args: argparse.Namespace, own: bool = False) -> int:
     cfg = PruneConfig(method=args.method, sparsity=Sparsity.parse(args.sparsity, args.pattern),
                       scope=args.scope, targets=tuple(args.targets), exclude=tuple(args.exclude),
                       permute=args.permute, **allocation_kwargs(args))
-    _import("llm_prune.pipeline", own)  # torch and the rest, once the arguments are known to be sane
+    _preload("llm_prune.pipeline", own)  # torch and the rest, once the arguments are known to be sane
     from .methods import get_method
     from .report import format_summary
 
