@@ -118,9 +118,12 @@ def key_to_value(key: int, dtype: torch.dtype) -> float:
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """True when no element is inf or nan: a single max over the magnitude keys."""
+    """True when no element is inf or nan: a single max over the magnitude keys (no boolean
+    tensor of x's size, as ``torch.isfinite`` makes), or torch's check for other dtypes."""
     if x.numel() == 0:
         return True
+    if x.dtype not in LAYOUT:
+        return bool(torch.isfinite(x).all())
     K = kernels_for(x)
     top = K.max_key(x) if K is not None else int(magnitude_key(x).max())
     return top < inf_key(x.dtype)

@@ -21,7 +21,7 @@ import torch
 
 from ..config import Sparsity
 from ..errors import UserError
-from ..magnitude import nm_keep, prune_count, select_kernels, unstructured_keep
+from ..magnitude import all_finite, nm_keep, prune_count, select_kernels, unstructured_keep
 from . import Method, register
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     When a factorisation fails (H only positive semi-definite in floating point, e.g. with fewer
     tokens than columns), λ grows by ``_DAMP_STEP`` and the failure is logged, instead of crashing.
     """
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         raise UserError("the calibration Hessian has inf or nan entries: the activations overflowed "
                         "(try --act-dtype float32) or the checkpoint is damaged")
     mean_diag = float(torch.diagonal(H).mean())
@@ -196,12 +196,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
 
 
 def _live_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """``inverse_cholesky`` of a copy of ``H`` whose dead inputs get a unit diagonal (which keeps
-    it invertible); ``H`` itself is left as it is."""
-    H = H.to(torch.float32, copy=True)
+    """``inverse_cholesky`` of ``H`` with its dead inputs given a unit diagonal (which keeps it
+    invertible), in a copy when there are any; ``H`` itself is left as it is."""
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1
-    return inverse_cholesky(H, damp)
+    if bool(dead.any()):
+        H = H.to(torch.float32, copy=True)
+        H[dead, dead] = 1
+    return inverse_cholesky(H.to(torch.float32), damp)
 
 
 def _column_loop(W1: torch.Tensor, Hinv1: torch.Tensor, keep1: torch.Tensor, err1: torch.Tensor,
