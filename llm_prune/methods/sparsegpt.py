@@ -186,8 +186,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: Spars
             _column_loop(W1, Hinv1, keep1, err1, sparsity)
         W[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
-        # in place: the GEMM adds into W's columns (same bits as subtracting the product, without
-        # a rows × (cols - i2) temporary and a second pass over it)
+        # in place: the GEMM adds into W's columns, with no rows × (cols - i2) temporary and no
+        # second pass over it (with MKL, the same bits as subtracting the product)
         W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1)
     out = torch.where(keep, W, torch.zeros((), dtype=W.dtype, device=W.device)).to(weight.dtype)
     if weight_in_first:
