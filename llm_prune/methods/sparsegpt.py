@@ -199,10 +199,9 @@ def _live_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
     """``inverse_cholesky`` of ``H`` with its dead inputs given a unit diagonal (which keeps it
     invertible), in a copy when there are any; ``H`` itself is left as it is."""
     dead = torch.diagonal(H) == 0
-    if bool(dead.any()):
-        H = H.to(torch.float32, copy=True)
-        H[dead, dead] = 1
-    return inverse_cholesky(H.to(torch.float32), damp)
+    H = H.to(torch.float32, copy=bool(dead.any()))
+    H[dead, dead] = 1  # nothing to write (and no copy made) when no input is dead
+    return inverse_cholesky(H, damp)
 
 
 def _column_loop(W1: torch.Tensor, Hinv1: torch.Tensor, keep1: torch.Tensor, err1: torch.Tensor,
