@@ -1,5 +1,5 @@
-"""torch.profiler around scripts/bench_calibrated.py prune ... (args after --)."""
-import runpy, sys, torch
+"""torch.profiler around scripts/bench_calibrated.py prune ... (its arguments follow)."""
+import runpy, sys
 from torch.profiler import profile, ProfilerActivity
 sys.argv = ["bench_calibrated.py"] + sys.argv[1:]
 with profile(activities=[ProfilerActivity.CPU]) as prof:
