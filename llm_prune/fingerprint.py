@@ -126,6 +126,13 @@ def digest_of(path: Path, algorithm: str = ALGORITHM, threads: int = 1) -> str:
         prefix.close()  # on an error too
 
 
+def digest_of_bytes(data, algorithm: str = ALGORITHM) -> str:
+    """``digest_of`` a file whose bytes are ``data`` (a buffer in memory)."""
+    h = _HASHES[algorithm](1)
+    h.update(data)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
 def matches(path: Path, digest: str, threads: int = 1) -> bool:
     """Whether ``path`` hashes to ``digest`` under the digest's own algorithm (ValueError when
     llm-prune does not know it)."""

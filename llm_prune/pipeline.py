@@ -40,9 +40,10 @@ from .sequential import prune_sequential, saved_inputs_bytes
 from .spectrum import SpectrumCache
 from .study.compare import MASK_FILE
 from .targets import select_targets
-from .writer import Arena, ShardWriter, check_free_space
+from .writer import Arena, ShardWriter, Stage, check_free_space
 
 PIECE_BYTES = 4 << 20  # the exporter prunes this much at a time, into a buffer that stays in cache
+DIRECT_IO = True  # dense shards written with O_DIRECT where the output's file system takes it (``Stage``)
 
 
 @dataclass
@@ -216,6 +217,9 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
     todo = [(run.shard_name(pos), u) for pos, u in enumerate(run.units) if not writer.done(u)]
     copied = [(file, u) for file, u in todo if not u.targets and not reader.pickle]
     arenas, in_flight = [Arena(), Arena()], None  # alternate: a write in flight holds the other
+    # Dense shards are assembled whole and written past the page cache where the file system
+    # allows it (``Stage``); elsewhere each target is pruned in pieces into its place in the file.
+    stage = Stage(writer.tmp) if run.fmt == "dense" and not reader.pickle and DIRECT_IO else None
     if run.fmt != "dense" or reader.pickle:  # the units that go through an arena are encoded
         from .kernels.formats import encode_all  # numba: only the compressed formats need it
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:
@@ -233,6 +237,13 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
                 others = reader.sources([n for n in unit.names if n not in unit.targets])
                 if run.fmt == "dense" and not reader.pickle:
                     specs = {n: (reader.infos[n].dtype, reader.infos[n].shape) for n in unit.names}
+                    if stage is not None and stage.direct:
+                        with writer.staged(file, specs, stage) as shard:
+                            for name, src in others.items():
+                                shard.copy_from(name, src)
+                            stats, ties_left = _prune_targets(run, unit, threshold, ties_left, out_of=shard.tensor)
+                        writer.commit(unit, file, list(specs), {"stats": stats}, _state(writer, threshold, ties_left))
+                        continue
                     with writer.open(file, specs) as shard:
                         for name, src in others.items():
                             shard.copy_from(name, src)
@@ -254,6 +265,8 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
         finally:
             # Never leave a write running into a directory being removed.
             wait(copies + ([in_flight] if in_flight is not None else []))
+            if stage is not None:
+                stage.close()
 
 
 def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left: int, *, out_of=None, shard=None):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .fingerprint import digest_of
+from .fingerprint import digest_of, digest_of_bytes
 from .paths import atomic_write_text, make_dir, publish_dir
 from .reader import SAFE_INDEX, WEIGHT_INDEXES, WEIGHT_SUFFIXES, FileBytes, Unit, safetensors_dtype_name
 
@@ -88,26 +88,14 @@ class ShardFile:
     """
 
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
-        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-        self.spans: dict[str, tuple[int, int]] = {}
+        head, self.spans, self.size = shard_layout(specs, metadata)
         self.specs = specs
-        end = 0
-        for name, (dtype, shape) in sorted(specs.items(), key=lambda kv: (-kv[1][0].itemsize, kv[0])):
-            if safetensors_dtype_name(dtype) is None:
-                raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
-            n = dtype.itemsize * math.prod(shape)
-            header[name] = {"dtype": safetensors_dtype_name(dtype), "shape": list(shape), "data_offsets": [end, end + n]}
-            self.spans[name] = (end, n)
-            end += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format asks
-        self.start = 8 + len(raw)
+        self.start = len(head)
         self.map = None
-        self.size = self.start + end
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            _pwrite_all(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
-            if end:
+            _pwrite_all(self.fd, head, 0)
+            if self.size > self.start:
                 _allocate(self.fd, self.size)
         except BaseException:
             os.close(self.fd)
@@ -156,6 +144,121 @@ class ShardFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shard_layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]], int]:
+    """A safetensors file's leading bytes (length and JSON header), each tensor's (offset after
+    them, byte count), and the file's size. Tensors are laid out by element size, largest first,
+    then by name, as the library does; metadata keys are sorted."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    spans: dict[str, tuple[int, int]] = {}
+    end = 0
+    for name, (dtype, shape) in sorted(specs.items(), key=lambda kv: (-kv[1][0].itemsize, kv[0])):
+        if safetensors_dtype_name(dtype) is None:
+            raise ValueError(f"{name}: dtype {dtype} has no safetensors name")
+        n = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": safetensors_dtype_name(dtype), "shape": list(shape), "data_offsets": [end, end + n]}
+        spans[name] = (end, n)
+        end += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format asks
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, spans, len(head) + end
+
+
+class Stage:
+    """Page-aligned memory a whole shard is assembled in, reused shard after shard (its pages
+    stay warm), and whether the output's file system takes ``O_DIRECT`` writes of it.
+
+    Written through the page cache, every byte of a shard is copied into fresh cache pages; on
+    the 2-core VMs here that copy is the bound of a large export and of ``cp`` alike
+    (BENCHMARKS.md, session 23), while direct writes go from this memory to the disk."""
+
+    ALIGN = 4096  # O_DIRECT's alignment of addresses, offsets and lengths on common file systems
+
+    def __init__(self, directory: Path):
+        self.map: mmap.mmap | None = None
+        self.direct = _takes_direct_io(directory)
+
+    def take(self, size: int) -> mmap.mmap:
+        need = max(self.ALIGN, -(-size // self.ALIGN) * self.ALIGN)
+        if self.map is None or len(self.map) < need:
+            self.close()
+            self.map = mmap.mmap(-1, need)  # anonymous: page aligned
+        return self.map
+
+    def close(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a view is still alive: the mapping goes with it
+                pass
+            self.map = None
+
+
+def _takes_direct_io(directory: Path) -> bool:
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / ".direct-io-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o666))
+    except OSError:  # tmpfs and some other file systems refuse it
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
+
+
+class StagedShard:
+    """A safetensors shard assembled whole in a ``Stage``, hashed from it and written with
+    ``O_DIRECT``: the same bytes as ``ShardFile`` without their copy into the page cache."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
+                 stage: Stage):
+        head, self.spans, self.size = shard_layout(specs, metadata)
+        self.path, self.specs, self.start = path, specs, len(head)
+        self.map = stage.take(self.size)
+        self.map[:len(head)] = head
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8, count=self.size)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A writable view of ``name``'s bytes in the staged shard."""
+        dtype, shape = self.specs[name]
+        at, n = self.spans[name]
+        return self.bytes[self.start + at:self.start + at + n].view(dtype).view(shape)
+
+    def copy_from(self, name: str, src: FileBytes) -> None:
+        at, n = self.spans[name]
+        if n != src.nbytes:
+            raise ValueError(f"{name}: {src.nbytes} bytes given, {n} expected")
+        view, got = memoryview(self.map)[self.start + at:self.start + at + n], 0
+        with open(src.path, "rb", buffering=0) as f:
+            f.seek(src.offset)
+            while got < n:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise UserError(f"{src.path} ended early: the file is truncated")
+                got += k
+
+    def finish(self) -> str:
+        """Write the shard (space reserved first, as ``ShardFile`` does) and return its digest."""
+        digest = digest_of_bytes(memoryview(self.map)[:self.size])
+        body = self.size // Stage.ALIGN * Stage.ALIGN
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
+        try:
+            _allocate(fd, self.size)
+            _pwrite_all(fd, memoryview(self.map)[:body], 0)
+        finally:
+            os.close(fd)
+        if self.size > body:  # the unaligned tail, under one page, through the page cache
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                _pwrite_all(fd, memoryview(self.map)[body:self.size], body)
+            finally:
+                os.close(fd)
+        del self.bytes
+        return digest
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -256,6 +359,7 @@ class ShardWriter:
         # manifest in sparsity.json (what ``llm-prune verify`` checks) then costs no extra pass.
         self._hashing = ThreadPoolExecutor(1, thread_name_prefix="llm-prune-hash-out")
         self._hashes: dict[str, Future] = {}
+        self.digests: dict[str, str] = {}  # staged shards' digests, until they are committed
 
     def _finished(self, run_key: dict) -> bool:
         """The partial directory holds a whole output of this very run (its manifest, written
@@ -298,11 +402,25 @@ class ShardWriter:
         with self._disk_errors(file):
             return ShardFile(self._part(file), specs, metadata or {"format": "pt"})
 
+    @contextmanager
+    def staged(self, file: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], stage: Stage,
+               metadata: dict[str, str] | None = None):
+        """A ``StagedShard`` to fill; on leaving, it is written and its digest is in ``digest``."""
+        with self._disk_errors(file):
+            shard = StagedShard(self._part(file), specs, metadata or {"format": "pt"}, stage)
+            yield shard
+            self.digests[file] = shard.finish()
+
     def commit(self, unit: Unit, file: str, names: list[str], record: dict, state: dict | None = None) -> None:
         """Publish a finished shard (holding ``names``) in the partial directory and log it."""
         path = self.tmp / file
         os.replace(self._part(file), path)
-        self._hashes[file] = self._hashing.submit(digest_of, path)
+        if file in self.digests:  # hashed from memory before it was written
+            done = Future()
+            done.set_result(self.digests.pop(file))
+            self._hashes[file] = done
+        else:
+            self._hashes[file] = self._hashing.submit(digest_of, path)
         entry = {"file": file, "bytes": path.stat().st_size, "tensors": sorted(names), **record}
         line = {"unit": unit.key, **entry, **({"state": state} if state is not None else {})}
         with self._lock:  # units with nothing to prune are committed from the writer thread

@@ -90,16 +90,20 @@ def test_targets_and_exclude(tiny_llama, tmp_path):
 @pytest.mark.parametrize("cfg", CASES + [PruneConfig(sparsity=Sparsity.parse(None, "4:8"))],
                          ids=["layer-0.4", "global-0.5", "2:4", "4:8"])
 def test_pieces_equal_whole_tensors(tiny_llama, tmp_path, cfg, monkeypatch):
-    # The exporter prunes a tensor piece by piece through a small buffer; 40-byte pieces (20
+    # Where the file system takes O_DIRECT the exporter prunes whole tensors into a staged shard
+    # (``writer.Stage``); elsewhere piece by piece through a small buffer. 40-byte pieces (20
     # weights: not a multiple of 8, so N:M pieces round down to whole groups) cut every tensor
-    # into hundreds, with ties and tie quotas straddling them. Same bytes as unpieced.
+    # into hundreds, with ties and tie quotas straddling them. Same bytes and digests either way.
     import llm_prune.pipeline as P
 
     prune_checkpoint(tiny_llama, cfg, tmp_path / "whole", progress=False)
     monkeypatch.setattr(P, "PIECE_BYTES", 40)
+    monkeypatch.setattr(P, "DIRECT_IO", False)
     prune_checkpoint(tiny_llama, cfg, tmp_path / "pieces", progress=False)
     files = sorted(f.name for f in (tmp_path / "whole").glob("*.safetensors"))
     assert files and all((tmp_path / "whole" / f).read_bytes() == (tmp_path / "pieces" / f).read_bytes() for f in files)
+    manifests = [json.loads((tmp_path / d / "sparsity.json").read_text())["output"] for d in ("whole", "pieces")]
+    assert manifests[0] == manifests[1]
 
 
 def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):

@@ -149,3 +149,51 @@ def test_files_written_through_a_rename_get_the_permissions_open_gives(tmp_path)
     (tmp_path / "opened.json").write_text("{}")
     mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
     assert mode(tmp_path / "renamed.json") == mode(tmp_path / "opened.json")
+
+
+def _direct_or_skip(directory):
+    stage = writer_module.Stage(directory)
+    if not stage.direct:
+        pytest.skip(f"{directory}'s file system refuses O_DIRECT")
+    return stage
+
+
+@pytest.mark.parametrize("scale", [1, 700])  # under one page, and many pages with an unaligned tail
+def test_a_staged_shard_is_the_shard_file_byte_for_byte(tmp_path, scale):
+    from llm_prune.fingerprint import digest_of
+
+    tensors = {**_sample(), "big": torch.randn(scale, 11)}
+    save_file(tensors, str(tmp_path / "src.safetensors"), metadata={"format": "pt"})
+    with safe_open(tmp_path / "src.safetensors", "pt") as f:
+        header_len = struct.unpack("<Q", (tmp_path / "src.safetensors").read_bytes()[:8])[0]
+        offsets = {n: json.loads((tmp_path / "src.safetensors").read_bytes()[8:8 + header_len])[n]["data_offsets"][0]
+                   for n in f.keys()}
+    from_file = {n: FileBytes(tmp_path / "src.safetensors", 8 + header_len + offsets[n],
+                              t.numel() * t.element_size(), t.dtype, tuple(t.shape))
+                 for n, t in tensors.items() if n.startswith("t.")}
+    in_memory = {n: t for n, t in tensors.items() if not n.startswith("t.")}
+    save_safetensors(tmp_path / "a.safetensors", {**from_file, **in_memory}, {"format": "pt"})
+    stage = _direct_or_skip(tmp_path)
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    shard = writer_module.StagedShard(tmp_path / "b.safetensors", specs, {"format": "pt"}, stage)
+    for n, src in from_file.items():
+        shard.copy_from(n, src)
+    for n, t in in_memory.items():
+        shard.tensor(n).copy_(t)
+    digest = shard.finish()
+    stage.close()
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+    assert digest == digest_of(tmp_path / "a.safetensors")
+
+
+def test_a_file_system_that_refuses_direct_io_gets_no_stage(tmp_path, monkeypatch):
+    real = writer_module.os.open
+
+    def refusing(path, flags, *a):
+        if flags & getattr(writer_module.os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(writer_module.os, "open", refusing)
+    assert not writer_module.Stage(tmp_path).direct
+    assert not list(tmp_path.iterdir())  # no probe left behind
