@@ -44,6 +44,9 @@ from .writer import Arena, ShardWriter, Stage, check_free_space
 
 PIECE_BYTES = 4 << 20  # the exporter prunes this much at a time, into a buffer that stays in cache
 DIRECT_IO = True  # dense shards written with O_DIRECT where the output's file system takes it (``Stage``)
+# ... when the export writes at least this much: a small output is faster through the page cache,
+# whose write-back then happens after the run (BENCHMARKS.md, session 23)
+DIRECT_MIN_BYTES = 1 << 30
 
 
 @dataclass
@@ -219,7 +222,8 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
     arenas, in_flight = [Arena(), Arena()], None  # alternate: a write in flight holds the other
     # Dense shards are assembled whole and written past the page cache where the file system
     # allows it (``Stage``); elsewhere each target is pruned in pieces into its place in the file.
-    stage = Stage(writer.tmp) if run.fmt == "dense" and not reader.pickle and DIRECT_IO else None
+    big = sum(reader.infos[n].nbytes for _, u in todo for n in u.names) >= DIRECT_MIN_BYTES
+    stage = Stage(writer.tmp) if run.fmt == "dense" and not reader.pickle and DIRECT_IO and big else None
     if run.fmt != "dense" or reader.pickle:  # the units that go through an arena are encoded
         from .kernels.formats import encode_all  # numba: only the compressed formats need it
     with ThreadPoolExecutor(1, thread_name_prefix="llm-prune-writer") as pool:

@@ -96,7 +96,13 @@ def test_pieces_equal_whole_tensors(tiny_llama, tmp_path, cfg, monkeypatch):
     # into hundreds, with ties and tie quotas straddling them. Same bytes and digests either way.
     import llm_prune.pipeline as P
 
+    import llm_prune.writer as W
+
+    monkeypatch.setattr(P, "DIRECT_MIN_BYTES", 0)  # staged even though the model is tiny
+    staged, finish = [], W.StagedShard.finish
+    monkeypatch.setattr(W.StagedShard, "finish", lambda self: staged.append(self.path) or finish(self))
     prune_checkpoint(tiny_llama, cfg, tmp_path / "whole", progress=False)
+    assert bool(staged) == W.Stage(tmp_path).direct  # every block staged where O_DIRECT works
     monkeypatch.setattr(P, "PIECE_BYTES", 40)
     monkeypatch.setattr(P, "DIRECT_IO", False)
     prune_checkpoint(tiny_llama, cfg, tmp_path / "pieces", progress=False)
