@@ -6,7 +6,8 @@
     for unit in units:                      the only place weights are in memory
         shard = writer.open(file, layout)   the output shard, laid out and allocated
         prune source -> shard               each target from the source's pages, in small pieces
-        copy the rest file to file          (compressed formats: prune, encode, write from a thread)
+        copy the rest file to file          (large exports: the shard staged whole, written O_DIRECT;
+                                             compressed formats: prune, encode, write from a thread)
         writer.commit(unit)                 logged in progress.jsonl
     writer.finish()                         index, side files, sparsity.json, atomic rename
 
@@ -210,7 +211,10 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
 
     Dense output (the default): each target is read from the source file's pages and pruned a
     few MiB at a time into a small buffer written to its place in the output shard
-    (``ShardFile``), so the weights cross memory once and no block is ever held. Compressed
+    (``ShardFile``), so the weights cross memory once and no block is ever held. An export of
+    ``DIRECT_MIN_BYTES`` or more, where the file system allows, assembles each shard whole in a
+    reused buffer instead and writes it past the page cache (``writer.Stage``): one block held,
+    no copy into fresh cache pages, the bound of large exports on the VMs measured. Compressed
     formats prune into a reused buffer (``Arena``), encode, and write from a thread while the
     next unit is pruned. Units with nothing to prune (embeddings, head) are copied by the kernel
     from that thread from the start, beside the kernels' start-up and the pruning.
