@@ -197,3 +197,51 @@ def test_a_file_system_that_refuses_direct_io_gets_no_stage(tmp_path, monkeypatc
     monkeypatch.setattr(writer_module.os, "open", refusing)
     assert not writer_module.Stage(tmp_path).direct
     assert not list(tmp_path.iterdir())  # no probe left behind
+
+
+def _staged_export(tmp_path):
+    """A ShardWriter and a staged shard of two tensors, for the failure tests below."""
+    stage = _direct_or_skip(tmp_path)
+    w = writer_module.ShardWriter(tmp_path / "out", {"k": 1})
+    specs = {"a": (torch.float16, (3, 1000)), "b": (torch.float32, (7,))}
+    return w, stage, specs
+
+
+def test_a_full_disk_while_staging_is_one_line_and_leaves_no_shard(tmp_path, monkeypatch):
+    w, stage, specs = _staged_export(tmp_path)
+
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "_allocate", full)
+    with pytest.raises(UserError, match="no space left"):
+        with w.staged("s.safetensors", specs, stage) as shard:
+            shard.tensor("a").fill_(1)
+    assert not list(w.tmp.glob("s.safetensors*"))
+    stage.close()
+
+
+def test_direct_writes_refused_after_open_go_through_the_page_cache(tmp_path, monkeypatch):
+    w, stage, specs = _staged_export(tmp_path)
+    real = writer_module._pwrite_all
+    direct = getattr(writer_module.os, "O_DIRECT", 0)
+
+    def picky(fd, data, at):
+        if fcntl_flags(fd) & direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(writer_module, "_pwrite_all", picky)
+    with w.staged("s.safetensors", specs, stage) as shard:
+        shard.tensor("a").copy_(torch.arange(3000).reshape(3, 1000).half())
+        shard.tensor("b").fill_(2.5)
+    loaded = load_file(w.tmp / "s.safetensors.tmp")
+    assert torch.equal(loaded["a"], torch.arange(3000).reshape(3, 1000).half()) and bool((loaded["b"] == 2.5).all())
+    assert w.digests["s.safetensors"] == writer_module.digest_of(w.tmp / "s.safetensors.tmp")
+    stage.close()
+
+
+def fcntl_flags(fd):
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
