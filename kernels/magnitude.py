@@ -167,6 +167,8 @@ def out_bits(w: torch.Tensor, out: torch.Tensor | None) -> np.ndarray | None:
 
 # -- the kernels ------------------------------------------------------------------------------------------
 # Keys: x & clear, the sign bit cleared (llm_prune.magnitude's layout), in x's own type.
+# numba types `a & b` of two int16s as int64: a key kept in that width makes LLVM widen every lane
+# and keep the running maximum in 64-bit lanes, so every key is cast back with `u(...)`.
 # Parallel loops hand each thread a slice and call a plain loop over it that starts at 0: numba
 # then drops its negative-index handling and LLVM vectorises the selects and counts, which it
 # does not when the parallel loop indexes the whole array itself.
@@ -222,9 +224,10 @@ def _bucket_histogram(x, high, parts):
 
 @nb.njit(cache=True, nogil=True)
 def _max_seg(seg, clear):
-    m = seg.dtype.type(0)
+    u = seg.dtype.type
+    m = u(0)
     for t in range(seg.size):
-        k = seg[t] & clear
+        k = u(seg[t] & clear)
         m = k if k > m else m
     return m
 
@@ -246,7 +249,7 @@ def _count_equal(seg, clear, key):
     for g in range(0, end, GROUP):
         n = u(0)  # a narrow count (see GROUP)
         for t in range(g, g + GROUP):
-            n = u(n + ((seg[t] & clear) == key))
+            n = u(n + u(u(seg[t] & clear) == key))
         e += np.int64(n)
     for t in range(end, seg.size):
         e += (seg[t] & clear) == key
@@ -271,15 +274,15 @@ def _keep_from(seg, out, clear, key):
         n = u(0)  # a narrow count (see GROUP)
         for t in range(g, g + GROUP):
             v = seg[t]
-            k = v & clear
+            k = u(v & clear)
             top = k if k > top else top
             v = v if k >= key else zero
             dst[t] = v
-            n = u(n + ((v & clear) == 0))
+            n = u(n + u(u(v & clear) == 0))
         z += np.int64(n)
     for t in range(end, seg.size):
         v = seg[t]
-        k = v & clear
+        k = u(v & clear)
         top = k if k > top else top
         v = v if k >= key else zero
         dst[t] = v
