@@ -220,3 +220,26 @@ def test_an_export_leaves_one_core_to_its_other_threads(tmp_path, monkeypatch, s
     prune_checkpoint(src, PruneConfig(sparsity=Sparsity(0.5), scope=scope), tmp_path / "out", progress=False)
     assert seen and set(seen) == {max(1, nb.config.NUMBA_NUM_THREADS - 1)}
     assert nb.get_num_threads() == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_keeps_keys_in_the_weights_own_width(dtype):
+    """numba types ``a & b`` of two int16s as int64; a key left that wide makes LLVM widen every
+    lane of the select and of its running maximum (2-4x slower on 16-bit weights, BENCHMARKS.md
+    session 24). The largest key the select and the max pass compute must be of the weights' type."""
+    import numba as nb
+
+    w = tied((64, 64), dtype)
+    x = K.bits(w)
+    clear = K.sign_clear(x)
+    _, top = K._keep_from(x, x.copy(), clear, x.dtype.type(1))
+    width = nb.from_dtype(x.dtype)
+
+    def returned(kernel):
+        return [s.return_type for s in kernel.nopython_signatures if s.args[0].dtype == width]
+
+    assert [r[1] for r in returned(K._keep_from)] and all(r[1] == width for r in returned(K._keep_from))
+    K._max_seg(x, clear)
+    assert returned(K._max_seg) == [width]
+    keys = magnitude_key(w).reshape(-1)  # ...and the value is the reference's
+    assert top == int(keys.max()) == K.max_key(w)
