@@ -186,6 +186,45 @@ def test_global_tables_cached_reused_and_invalidated(tmp_path, tiny_llama, monke
     assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 2
 
 
+def test_layer_loads_take_thresholds_from_the_tables_once_hashes_are_known(tmp_path, tiny_llama, monkeypatch):
+    # Hashes unknown: each layer threshold comes from the tensor as it is read, and nothing is
+    # hashed or cached for it.
+    from llm_prune.fingerprint import known_digest
+    from llm_prune.loading import prune as load_prune
+    from llm_prune.methods import omp
+
+    shards = sorted(tiny_llama.glob("*.safetensors"))
+    ref = export_then_load(tiny_llama, tmp_path / "out", 0.5)  # the exporter hashes the source
+    assert all(known_digest(f) is not None for f in shards)
+    assert not (tmp_path / "cache" / "keytables").exists()
+    # Hashes known: the first layer load makes the tables in one pass and caches them...
+    first = from_pretrained(tiny_llama, sparsity=0.5, progress=False)
+    assert_bitwise(first, ref)
+    assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 1
+    ref7 = export_then_load(tiny_llama, tmp_path / "out7", 0.7)
+
+    def no_pass(*a, **k):
+        raise AssertionError("the cached tables should have given every layer threshold")
+
+    for module in (keytables, load_prune, omp):
+        monkeypatch.setattr(module, "key_table", no_pass)
+    # ...and later ones, at any sparsity, read no target before pruning it.
+    assert_bitwise(from_pretrained(tiny_llama, sparsity=0.5, progress=False), first)
+    model = from_pretrained(tiny_llama, sparsity=0.5, progress=False)
+    set_sparsity(model, 0.7)  # the tables it keeps serve set_sparsity too
+    assert_bitwise(model, ref7)
+    assert_bitwise(from_pretrained(tiny_llama, sparsity=0.7, progress=False), ref7)
+
+
+def test_layer_load_with_unknown_hashes_hashes_nothing(tmp_path, tiny_llama):
+    from llm_prune.fingerprint import known_digest
+
+    model = from_pretrained(tiny_llama, sparsity=0.5, progress=False)
+    assert all(known_digest(f) is None for f in sorted(tiny_llama.glob("*.safetensors")))
+    assert not (tmp_path / "cache" / "keytables").exists()
+    assert_bitwise(model, export_then_load(tiny_llama, tmp_path / "out", 0.5))
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not a table header"])
 def test_damaged_tables_are_rebuilt(tmp_path, tiny_llama, damage):
     first = from_pretrained(tiny_llama, sparsity=0.5, scope="global", progress=False)

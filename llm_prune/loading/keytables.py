@@ -54,6 +54,12 @@ class TableCache:
     def _path(self) -> Path:
         return cache_dir() / "keytables" / f"{self._fingerprint}-{self.method.name}.safetensors"
 
+    def hashes_known(self) -> bool:
+        """True when every checkpoint file's hash is remembered: the cache can be looked up, and
+        filled, without hashing the files."""
+        reader = self.source.reader
+        return all(known_digest(reader.path / f) is not None for f in reader.files)
+
     def tables(self, names: list[str], progress: bool, saver: ThreadPoolExecutor | None = None) -> dict[str, KeyTable]:
         """Tables of ``names`` from the cache; the missing ones in one streaming pass, then cached.
 
@@ -63,7 +69,7 @@ class TableCache:
         tables are written from ``saver`` once both are done, while the caller goes on (it waits
         for ``saver`` at its end)."""
         reader = self.source.reader
-        known = all(known_digest(reader.path / f) is not None for f in reader.files)
+        known = self.hashes_known()
         tables = _read_tables(self.path()) if known else {}
         missing = [n for n in names if n not in tables]
         if not missing:

@@ -1,10 +1,13 @@
 """Pruning while loading: each target pruned as it is read, exactly as the exporter prunes it.
 
-Targets come from ``targets.select_targets`` over the same units as the exporter's, layer scope
-from the method (its fast path, else its reference), and a global threshold and its ties from
-the key tables (``keytables``), dealt out in visiting order before any tensor is read, so that
-tensors can be read in file order. A nested method also keeps each tensor's key table, with
-which ``set_sparsity`` later raises the sparsity without a pass.
+Targets come from ``targets.select_targets`` over the same units as the exporter's. A global
+threshold and its ties come from the key tables (``keytables``), dealt out in visiting order
+before any tensor is read, so that tensors can be read in file order. Layer thresholds of a
+nested method with 16-bit keys come from the same tables when the checkpoint's hashes are
+known (the tables are then cached, or cached by this load's one pass); otherwise each from its
+tensor as it is read, by the method (its fast path, else its reference). A nested method also
+keeps each tensor's key table, with which ``set_sparsity`` later raises the sparsity without a
+pass.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from ..allocation import Shares, alpha_shares, finite
 from ..config import PruneConfig
 from ..errors import UserError
-from ..magnitude import KeyTable, NonFinite, key_table, prune_count, table_threshold
+from ..magnitude import KeyTable, NonFinite, key_table, layout, prune_count, table_threshold
 from ..methods import Method, prune_
 from ..spectrum import SpectrumCache
 from .decode import DenseSource
@@ -57,7 +60,10 @@ class LoadPruner:
         self.thresholds: dict[str, tuple[int, int]] = {}
 
     def prepare(self) -> None:
-        """Global scope: every target's (key, ties) first; the table pass overlaps the model build."""
+        """Every target's (key, ties) first, from the key tables, while the main thread builds the
+        model: always in global scope; in layer scope when the tables are cached, or can be at
+        no cost beyond their own pass (the checkpoint's hashes are known), so that a load reads
+        each target once, to prune it."""
         cfg = self.state.config
         if cfg.allocation == "alpha":  # every target's spectrum first (cached: later loads read none)
             src, reader = self.source, self.source.reader
@@ -68,12 +74,25 @@ class LoadPruner:
             self.thresholds, tables = global_thresholds(TableCache(self.source, self.method), self.state.order,
                                                         cfg.sparsity.ratio, self.progress, self.saver)
             self.state.applied, self.state.tables = dict(self.thresholds), tables
+        elif self.method.nested and not cfg.sparsity.is_nm and not layout(self.state.prune_dtype).wide:
+            cache = TableCache(self.source, self.method)
+            if cache.hashes_known():
+                tables = cache.tables(self.state.order, self.progress, self.saver)
+                for name in self.state.order:
+                    t, _ = table_threshold([tables[name]], prune_count(self.source.infos[name].numel,
+                                                                       self._sparsity(name).ratio))
+                    self.thresholds[name] = (t.key, t.ties)
+                self.state.applied, self.state.tables = dict(self.thresholds), tables
+
+    def _sparsity(self, name: str):
+        shares = self.state.shares
+        return self.state.config.sparsity if shares is None else shares.sparsity(name)
 
     def __call__(self, name: str, src: torch.Tensor) -> torch.Tensor:
         # Targets arrive mapped from the file; their pruned weights are written into fresh memory,
         # the model's own: the weights cross memory once, and the file is never written.
         cfg, state = self.state.config, self.state
-        sparsity = cfg.sparsity if state.shares is None else state.shares.sparsity(name)
+        sparsity = self._sparsity(name)
         out = torch.empty(src.shape, dtype=src.dtype)
         try:
             threshold = self.thresholds.get(name)
