@@ -32,11 +32,12 @@ from .allocation import Shares, alpha_shares, finite
 from .config import PruneConfig, Sparsity
 from .errors import UserError
 from .fingerprint import SourceHasher
-from .magnitude import NonFinite, Threshold, find_threshold
+from .magnitude import NonFinite, Threshold, bucket_table, prune_count, table_threshold
 from .methods import Method, get_method, prune_
 from .paths import check_apart
 from .reader import SAFE_INDEX, SPARSE_INDEX, CheckpointReader, TensorInfo, Unit
 from .report import build_report
+from .run_tables import RunTables
 from .sequential import prune_sequential, saved_inputs_bytes
 from .spectrum import SpectrumCache
 from .study.compare import MASK_FILE
@@ -65,6 +66,7 @@ class Run:
     progress: bool = True
     shares: Shares | None = None  # a non-uniform allocation's count per target (None: uniform)
     hasher: SourceHasher | None = None  # hashes the source from the byte ranges the run reads
+    tables: RunTables | None = None  # the targets' key tables, cached or made by this run (data-free)
 
     def mark_read(self, names: list[str]) -> None:
         """``names`` are being read (pruned, or copied file to file): their bytes can be hashed now."""
@@ -121,6 +123,8 @@ def prune_checkpoint(src: str | Path, cfg: PruneConfig, out: str | Path, *, fmt:
         with SourceHasher(src, reader.files, reader.header_ends()) as run.hasher:
             extra = prune_sequential(run) if calib is not None else _prune_data_free(run)
             file_hashes = run.hasher.digests()
+        if run.tables is not None:
+            run.tables.save(file_hashes)
     except UserError:
         writer.abort()  # bad data: nothing half-written stays behind
         raise
@@ -179,10 +183,21 @@ def _prune_data_free(run: Run) -> dict:
     # threads beside the kernels; kernels on every core leave them none (BENCHMARKS.md, session 18).
     from .kernels.magnitude import all_cores_but_one
 
+    run.tables = RunTables(run.reader, run.method, [n for u in run.units for n in u.targets])
     with all_cores_but_one():
         threshold = _global_threshold(run) if run.cfg.scope == "global" else None
-        _prune_units(run, threshold)
+        _prune_units(run, threshold, _layer_thresholds(run) if threshold is None else {})
     return {}
+
+
+def _layer_thresholds(run: Run) -> dict[str, tuple[int, int]]:
+    """Layer scope: each target's (key, ties) off its cached key table, where there is one; the
+    others are found as the target is read (``_prune_targets``)."""
+    if run.cfg.sparsity.is_nm:
+        return {}
+    infos = run.reader.infos
+    found = {n: run.tables.layer_threshold(n, infos[n].numel, run.sparsity_of(n).ratio) for n in run.tables.names}
+    return {n: t for n, t in found.items() if t is not None}
 
 
 def _global_threshold(run: Run) -> Threshold:
@@ -194,19 +209,32 @@ def _global_threshold(run: Run) -> Threshold:
 
     def visit():
         for unit in tqdm(targets, desc="global threshold", unit="block", disable=not run.progress, leave=False):
-            for t in run.reader.read(unit.targets).values():
+            for name, t in run.reader.read(unit.targets).items():
                 score = run.method.score(t)
                 dtypes.add(str(score.dtype).removeprefix("torch."))
-                yield score
+                yield name, score
 
     total = sum(run.reader.infos[n].numel for u in targets for n in u.targets)
-    threshold = find_threshold(visit, int(round(run.cfg.sparsity.ratio * total)))
+    k = int(round(run.cfg.sparsity.ratio * total))
+    order = [n for u in targets for n in u.targets]
+    tables = run.tables.cached
+    if tables is None:  # one pass, its tables kept (cached at the end under the source's hashes)
+        tables = {name: run.tables.make(name, score, checked=False) for name, score in visit()}
+        threshold = table_threshold([tables[n] for n in order], k,
+                                    lambda high: (bucket_table(score, high) for _, score in visit()))[0]
+    else:  # no pass: the tables were cached by an earlier export or load
+        dtypes.update(str(run.reader.infos[n].dtype).removeprefix("torch.") for n in order)  # nested: scores are weights
+        if k > 0 and tables[order[0]].wide:  # fp32: one look at the targets for the low bits of one bin
+            key, ties, _ = run.tables.cache.wide_threshold(order, tables, k, run.progress)
+            threshold = Threshold(key, ties, k, total)
+        else:
+            threshold = table_threshold([tables[n] for n in order], k)[0]
     run.writer.progress["state"] = {"threshold": threshold.__dict__, "ties_left": threshold.ties,
                                     "score_dtype": min(dtypes)}
     return threshold
 
 
-def _prune_units(run: Run, threshold: Threshold | None) -> None:
+def _prune_units(run: Run, threshold: Threshold | None, layer: dict[str, tuple[int, int]]) -> None:
     """Prune unit by unit, in file order; tensors that are not pruned are copied file to file.
 
     Dense output (the default): each target is read from the source file's pages and pruned a
@@ -217,7 +245,8 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
     no copy into fresh cache pages, the bound of large exports on the VMs measured. Compressed
     formats prune into a reused buffer (``Arena``), encode, and write from a thread while the
     next unit is pruned. Units with nothing to prune (embeddings, head) are copied by the kernel
-    from that thread from the start, beside the kernels' start-up and the pruning.
+    from that thread from the start, beside the kernels' start-up and the pruning. ``layer``:
+    layer-scope (key, ties) already known per target (``_layer_thresholds``).
     """
     reader, writer = run.reader, run.writer
     ties_left = writer.state.get("ties_left", 0)  # carried in unit order, into progress.jsonl
@@ -249,19 +278,19 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
                         with writer.staged(file, specs, stage) as shard:
                             for name, src in others.items():
                                 shard.copy_from(name, src)
-                            stats, ties_left = _prune_targets(run, unit, threshold, ties_left, out_of=shard.tensor)
+                            stats, ties_left = _prune_targets(run, unit, threshold, ties_left, layer, out_of=shard.tensor)
                         writer.commit(unit, file, list(specs), {"stats": stats}, _state(writer, threshold, ties_left))
                         continue
                     with writer.open(file, specs) as shard:
                         for name, src in others.items():
                             shard.copy_from(name, src)
-                        stats, ties_left = _prune_targets(run, unit, threshold, ties_left, shard=shard)
+                        stats, ties_left = _prune_targets(run, unit, threshold, ties_left, layer, shard=shard)
                     writer.commit(unit, file, list(specs), {"stats": stats}, _state(writer, threshold, ties_left))
                     continue
                 arenas.reverse()
                 views = dict(zip(unit.targets, arenas[0].carve([reader.infos[n].nbytes for n in unit.targets])))
                 out = lambda n: views[n].view(reader.infos[n].dtype).view(reader.infos[n].shape)  # noqa: E731
-                stats, ties_left = _prune_targets(run, unit, threshold, ties_left, out_of=out)
+                stats, ties_left = _prune_targets(run, unit, threshold, ties_left, layer, out_of=out)
                 if in_flight is not None:
                     in_flight.result()  # one write at a time, in order
                 stored, meta = encode_all({n: out(n) for n in unit.targets}, {n: run.fmt for n in unit.targets})
@@ -277,7 +306,8 @@ def _prune_units(run: Run, threshold: Threshold | None) -> None:
                 stage.close()
 
 
-def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left: int, *, out_of=None, shard=None):
+def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left: int, layer: dict, *, out_of=None,
+                   shard=None):
     """Prune each target of ``unit`` from the source, into ``out_of(name)`` or into ``shard``.
 
     Into a shard, a fast path's ``Plan`` prunes a few MiB at a time into one small buffer that
@@ -290,8 +320,12 @@ def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left:
     for name in unit.targets:  # in name order: the order a global threshold's ties are pruned in
         sparsity = run.sparsity_of(name)
         src = pickled.pop(name) if pickled is not None else next(reader.read_mapped([name]))[1]
-        at = (threshold.key, ties_left) if threshold is not None else None
+        at = (threshold.key, ties_left) if threshold is not None else layer.get(name)
         try:
+            if at is None and not sparsity.is_nm and run.tables is not None and run.tables.wants(name, src.dtype):
+                # The layer threshold the method's plan would find, from the table kept for the cache.
+                t, _ = table_threshold([run.tables.make(name, run.method.score(src))], prune_count(src.numel(), sparsity.ratio))
+                at = (t.key, t.ties)
             plan = run.method.plan(src, sparsity, wif, at) if run.method.plan is not None else None
             if shard is not None and plan is not None:
                 if buf is None or buf.dtype != src.dtype:

@@ -153,6 +153,75 @@ def test_same_input_same_bytes(tiny_llama, tmp_path, fmt):
     assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_repeat_exports_take_thresholds_from_cached_tables(tiny_llama, tmp_path, monkeypatch, scope):
+    # First contact: the thresholds come from the tensors as the run reads them, and the key
+    # tables made on the way are cached under the hashes the run computed. Every later export, at
+    # any sparsity, reads its thresholds off them: each target read once, to prune it, and still
+    # the reference's bytes.
+    from llm_prune import magnitude
+    from llm_prune.loading import keytables
+    from llm_prune.methods import omp
+
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    tables = tmp_path / "cache" / "keytables"
+    prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity(0.3), scope=scope), tmp_path / "first", progress=False)
+    assert len(list(tables.glob("*.safetensors"))) == 1
+
+    def no_pass(*a, **k):
+        raise AssertionError("the cached tables should have given the thresholds")
+
+    for module in (magnitude, keytables, omp):
+        monkeypatch.setattr(module, "key_table", no_pass)
+    for ratio in (0.6, 0.3):
+        cfg = PruneConfig(sparsity=Sparsity(ratio), scope=scope)
+        out = tmp_path / f"again-{ratio}"
+        prune_checkpoint(tiny_llama, cfg, out, progress=False)
+        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+        reference = inmemory_prune(tiny_llama, cfg, "model.layers").state_dict()
+        for name, tensor in exported.items():
+            assert torch.equal(tensor, reference[name]), name
+    # Byte for byte the first contact's shards at the same setting.
+    for shard in sorted((tmp_path / "first").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "again-0.3" / shard.name).read_bytes()
+    # A load then finds the exporter's tables too.
+    from llm_prune.loading import from_pretrained
+
+    from_pretrained(tiny_llama, sparsity=0.5, scope=scope, progress=False)
+
+
+def test_a_resumed_export_caches_no_partial_tables(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    cfg = PruneConfig(sparsity=Sparsity(0.5))
+    real_commit, calls = ShardWriter.commit, []
+
+    def commit_then_die(self, *a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_commit(self, *a, **kw)
+
+    monkeypatch.setattr(ShardWriter, "commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(tiny_llama, cfg, tmp_path / "out", progress=False)
+    monkeypatch.setattr(ShardWriter, "commit", real_commit)
+    prune_checkpoint(tiny_llama, cfg, tmp_path / "out", resume=True, progress=False)
+    assert not (tmp_path / "cache" / "keytables").exists()  # the resumed run saw only some targets
+    prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity(0.6)), tmp_path / "next", progress=False)
+    assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 1
+
+
+def test_fp32_layer_exports_cache_no_tables(tmp_path, monkeypatch):
+    # fp32 in layer scope: the plan looks at each tensor twice (the bin, then its low bits), so a
+    # table alone would not give the threshold; nothing is cached.
+    from tests.conftest import save_tiny, tiny_llama_config
+
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    src = save_tiny(tmp_path / "f32", tiny_llama_config(), dtype=torch.float32)
+    prune_checkpoint(src, PruneConfig(sparsity=Sparsity(0.5)), tmp_path / "o", progress=False)
+    assert not (tmp_path / "cache" / "keytables").exists()
+
+
 def test_fp32_checkpoint_global(tmp_path):
     from tests.conftest import save_tiny, tiny_llama_config
 

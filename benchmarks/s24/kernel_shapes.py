@@ -1,4 +1,4 @@
-import time, torch, numpy as np, sys
+import time, torch, numpy as np
 from llm_prune.kernels import magnitude as K
 torch.set_num_threads(1); K.set_threads(1)
 for dt in (torch.float32, torch.float16, torch.bfloat16):

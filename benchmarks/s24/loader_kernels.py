@@ -1,6 +1,6 @@
 import os, time, statistics
 os.environ["HF_HUB_OFFLINE"]="1"
-import torch, llm_prune
+import torch
 from llm_prune.models import resolve_model
 from llm_prune.loading.decode import DenseSource
 from llm_prune.loading.keytables import TableCache, global_thresholds

@@ -1,4 +1,4 @@
-import os, time, statistics, sys
+import os, time, statistics
 os.environ["HF_HUB_OFFLINE"]="1"; os.environ["TRANSFORMERS_VERBOSITY"]="error"
 import torch, llm_prune
 from llm_prune.models import resolve_model

@@ -1,4 +1,4 @@
-import os, time, resource, statistics, sys
+import os, time, resource, statistics
 os.environ["HF_HUB_OFFLINE"]="1"; os.environ["TRANSFORMERS_VERBOSITY"]="error"
 import torch, transformers, llm_prune
 from llm_prune.models import resolve_model

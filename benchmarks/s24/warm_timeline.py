@@ -1,8 +1,8 @@
-import os, time, statistics, threading, gc
+import os, time, statistics
 os.environ["HF_HUB_OFFLINE"]="1"; os.environ["TRANSFORMERS_VERBOSITY"]="error"
 import torch, llm_prune, sys
 from llm_prune.models import resolve_model
-from llm_prune.loading import hf, prune, build
+from llm_prune.loading import hf, prune
 path = resolve_model("smollm2-135m")
 scope = sys.argv[1] if len(sys.argv) > 1 else "global"
 T = {}

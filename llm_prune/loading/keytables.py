@@ -60,6 +60,17 @@ class TableCache:
         reader = self.source.reader
         return all(known_digest(reader.path / f) is not None for f in reader.files)
 
+    def cached(self, names: list[str]) -> dict[str, KeyTable] | None:
+        """The tables of ``names`` when every one is cached (and the hashes known), else None: no pass."""
+        tables = _read_tables(self.path()) if self.hashes_known() else {}
+        return {n: tables[n] for n in names} if all(n in tables for n in names) else None
+
+    def save(self, digests: dict[str, str], tables: dict[str, KeyTable]) -> None:
+        """Cache ``tables`` under the checkpoint whose files have ``digests`` (computed by a run
+        that read them), beside the tables already cached for it."""
+        path = self._path_of(digests)
+        _write_tables(path, {**_read_tables(path), **tables})
+
     def tables(self, names: list[str], progress: bool, saver: ThreadPoolExecutor | None = None) -> dict[str, KeyTable]:
         """Tables of ``names`` from the cache; the missing ones in one streaming pass, then cached.
 
