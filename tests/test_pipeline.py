@@ -112,10 +112,8 @@ def test_pieces_equal_whole_tensors(tiny_llama, tmp_path, cfg, monkeypatch):
     assert manifests[0] == manifests[1]
 
 
-def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):
-    cfg = PruneConfig(sparsity=Sparsity(0.5), scope="global")
-    prune_checkpoint(tiny_llama, cfg, tmp_path / "full", progress=False)
-
+def interrupted_after_two_units(src, cfg, out, monkeypatch) -> None:
+    """An export of ``src`` into ``out`` killed after committing two units (Ctrl-C)."""
     real_commit, calls = ShardWriter.commit, []
 
     def commit_then_die(self, *a, **kw):  # every shard, however written, is committed
@@ -126,10 +124,16 @@ def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ShardWriter, "commit", commit_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prune_checkpoint(tiny_llama, cfg, tmp_path / "out", progress=False)
+        prune_checkpoint(src, cfg, out, progress=False)
+    monkeypatch.setattr(ShardWriter, "commit", real_commit)
+
+
+def test_resume_after_interruption(tiny_llama, tmp_path, monkeypatch):
+    cfg = PruneConfig(sparsity=Sparsity(0.5), scope="global")
+    prune_checkpoint(tiny_llama, cfg, tmp_path / "full", progress=False)
+    interrupted_after_two_units(tiny_llama, cfg, tmp_path / "out", monkeypatch)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / ".out.partial" / "progress.jsonl").is_file()
-    monkeypatch.setattr(ShardWriter, "commit", real_commit)
 
     report = prune_checkpoint(tiny_llama, cfg, tmp_path / "out", resume=True, progress=False)
     assert report["run"]["resumed_units"] == 2
@@ -193,18 +197,7 @@ def test_repeat_exports_take_thresholds_from_cached_tables(tiny_llama, tmp_path,
 def test_a_resumed_export_caches_no_partial_tables(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
     cfg = PruneConfig(sparsity=Sparsity(0.5))
-    real_commit, calls = ShardWriter.commit, []
-
-    def commit_then_die(self, *a, **kw):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_commit(self, *a, **kw)
-
-    monkeypatch.setattr(ShardWriter, "commit", commit_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prune_checkpoint(tiny_llama, cfg, tmp_path / "out", progress=False)
-    monkeypatch.setattr(ShardWriter, "commit", real_commit)
+    interrupted_after_two_units(tiny_llama, cfg, tmp_path / "out", monkeypatch)
     prune_checkpoint(tiny_llama, cfg, tmp_path / "out", resume=True, progress=False)
     assert not (tmp_path / "cache" / "keytables").exists()  # the resumed run saw only some targets
     prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity(0.6)), tmp_path / "next", progress=False)
