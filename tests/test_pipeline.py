@@ -204,6 +204,16 @@ def test_a_resumed_export_caches_no_partial_tables(tiny_llama, tmp_path, monkeyp
     assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 1
 
 
+def test_an_unwritable_table_cache_costs_the_export_nothing(tiny_llama, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "keytables").write_text("a file where the tables' folder would be")
+    report = prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity(0.5)), tmp_path / "out", progress=False)
+    assert report["achieved"]["targeted"] == pytest.approx(0.5, abs=1e-3)
+    assert (tmp_path / "out" / "sparsity.json").is_file()
+    assert "could not cache the key tables" in caplog.text
+
+
 def test_fp32_layer_exports_cache_no_tables(tmp_path, monkeypatch):
     # fp32 in layer scope: the plan looks at each tensor twice (the bin, then its low bits), so a
     # table alone would not give the threshold; nothing is cached.

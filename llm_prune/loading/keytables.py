@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ..paths import atomic_save_tensors, atomic_write_text, cache_dir
 from .decode import DenseSource
 
 TABLES_VERSION = "2"
+log = logging.getLogger(__name__)
 
 
 class TableCache:
@@ -157,6 +159,14 @@ def _read_tables(path: Path) -> dict[str, KeyTable]:
 
 
 def _write_tables(path: Path, tables: dict[str, KeyTable]) -> None:
+    # A cache that cannot be written (read-only, full) costs later runs a pass, never this one.
+    try:
+        _save_tables(path, tables)
+    except OSError as e:
+        log.warning("could not cache the key tables in %s (%s)", path.parent, e)
+
+
+def _save_tables(path: Path, tables: dict[str, KeyTable]) -> None:
     tensors, meta = {}, {}
     for name, t in tables.items():
         tensors[f"{name}/keys"], tensors[f"{name}/counts"] = t.keys.contiguous(), t.counts.contiguous()
