@@ -183,7 +183,9 @@ def _prune_data_free(run: Run) -> dict:
     # threads beside the kernels; kernels on every core leave them none (BENCHMARKS.md, session 18).
     from .kernels.magnitude import all_cores_but_one
 
-    run.tables = RunTables(run.reader, run.method, [n for u in run.units for n in u.targets])
+    # N:M patterns need no threshold: no tables read, none made.
+    run.tables = RunTables(run.reader, run.method,
+                           [] if run.cfg.sparsity.is_nm else [n for u in run.units for n in u.targets])
     with all_cores_but_one():
         threshold = _global_threshold(run) if run.cfg.scope == "global" else None
         _prune_units(run, threshold, _layer_thresholds(run) if threshold is None else {})
