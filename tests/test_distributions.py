@@ -85,6 +85,25 @@ def test_counts_equal_direct_torch_counts(capsys, tmp_path, dtype):
     assert "median |w|" in captured.out and "eps = 0.001" in captured.out
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_key_tables_give_the_same_payload_without_reading(capsys, tmp_path, monkeypatch, dtype):
+    from llm_prune.study import distributions as D
+
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    src = save_planted(tmp_path / "m", dtype)
+    assert run_json(capsys, src, "--out", tmp_path / "read")[0] == 0  # nothing cached yet: every target read
+    assert main([str(src), "--sparsity", "0.5", "--out", str(tmp_path / "pruned"), "--quiet"]) == 0  # caches the tables
+
+    def no_read(*a, **k):
+        raise AssertionError("the cached key tables should have served every target")
+
+    monkeypatch.setattr(D, "key_table", no_read)
+    assert run_json(capsys, src, "--out", tmp_path / "cached")[0] == 0
+    read, cached = (json.loads((tmp_path / d / "distributions.json").read_text()) for d in ("read", "cached"))
+    for section in ("bins", "by_type", "by_block", "overall"):
+        assert cached[section] == read[section], section
+
+
 def test_by_block_sums_to_overall(capsys, tmp_path):
     src = save_planted(tmp_path / "m", torch.float32)
     assert run_json(capsys, src, "--out", tmp_path / "o")[0] == 0

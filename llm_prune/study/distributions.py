@@ -7,6 +7,8 @@ the same architecture side by side. Every count is exact and memory stays at abo
 each target is streamed once and leaves behind its exact zero and near-zero counts and the
 sparse histogram of its magnitude keys (``magnitude.key_table``), from which the log-binned
 histograms and the quantiles are read at the end, on bin edges shared by both checkpoints.
+Where an export or load of a 16-bit checkpoint left those key tables in the cache, no weight is
+read at all: the counts come from the tables.
 
 Key histograms are exact per value for fp16/bf16, and per bucket of 2^16 keys (the high half
 of the bits, 2^-7 relative width) for fp32. So the log-spaced edges are snapped down to bf16
@@ -127,9 +129,34 @@ def check_same_layout(a: Checkpoint, b: Checkpoint) -> None:
                         f"first difference: {diff[0]}): compare checkpoints of one architecture and size")
 
 
+def table_census(table: KeyTable, key_eps: int) -> Census:
+    """``census`` from a tensor's 16-bit key table alone: its exact zeros are its count at key 0
+    (+0 and -0), its near-zeros the counts below ``key_eps``."""
+    near = int(table.counts[table.keys < key_eps].sum())
+    return Census(table.numel, table.count_at(0), near, table)
+
+
+def cached_tables(ckpt: Checkpoint) -> dict[str, KeyTable] | None:
+    """The targets' key tables from the cache an export or load of this checkpoint left (16-bit
+    weights, hashes known), else None: then every target is read."""
+    if layout(ckpt.dtype).wide or ckpt.source.decoded:
+        return None
+    from ..loading.keytables import TableCache
+    from ..methods import get_method
+
+    return TableCache(ckpt.source, get_method("omp")).cached(ckpt.order)  # OMP's key tables: of |w| itself
+
+
 def read_census(ckpt: Checkpoint, eps: float, progress: bool) -> dict[str, Census]:
-    """Every target of a checkpoint, streamed once: name -> Census."""
+    """Every target of a checkpoint, streamed once (or none read, from cached key tables): name -> Census."""
     key = eps_key(eps, ckpt.dtype)
+    tables = cached_tables(ckpt)
+    if tables is not None:
+        inf = layout(ckpt.dtype).inf_key
+        bad = next((n for n in ckpt.order if len(tables[n].keys) and int(tables[n].keys[-1]) >= inf), None)
+        if bad is not None:
+            raise UserError(f"{bad} (in {ckpt.source.file_of(bad)}) has inf or nan values: the checkpoint is damaged")
+        return {n: table_census(tables[n], key) for n in ckpt.order}
     found = {}
     for name, w in tqdm(ckpt.source.read(ckpt.order, mapped=ckpt.order), total=len(ckpt.order),
                         desc=f"reading {ckpt.label}", disable=not progress, leave=False):
