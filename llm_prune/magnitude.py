@@ -306,6 +306,12 @@ def prune_count(numel: int, ratio: float) -> int:
     return int(round(ratio * numel))
 
 
+def own_threshold(table: KeyTable, ratio: float) -> tuple[int, int]:
+    """(key, ties) pruning ``ratio`` of one tensor at its own threshold, from its 16-bit key table."""
+    t, _ = table_threshold([table], prune_count(table.numel, ratio))
+    return t.key, t.ties
+
+
 def unstructured_keep(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep-mask pruning ``round(ratio * numel)`` smallest magnitudes of one tensor."""
     key = as_key(x)  # computed once, used by both passes

@@ -32,7 +32,7 @@ from .allocation import Shares, alpha_shares, finite
 from .config import PruneConfig, Sparsity
 from .errors import UserError
 from .fingerprint import SourceHasher
-from .magnitude import NonFinite, Threshold, bucket_table, prune_count, table_threshold
+from .magnitude import NonFinite, Threshold, bucket_table, table_threshold
 from .methods import Method, get_method, prune_
 from .paths import check_apart
 from .reader import SAFE_INDEX, SPARSE_INDEX, CheckpointReader, TensorInfo, Unit
@@ -195,10 +195,7 @@ def _prune_data_free(run: Run) -> dict:
 def _layer_thresholds(run: Run) -> dict[str, tuple[int, int]]:
     """Layer scope: each target's (key, ties) off its cached key table, where there is one; the
     others are found as the target is read (``_prune_targets``)."""
-    if run.cfg.sparsity.is_nm:
-        return {}
-    infos = run.reader.infos
-    found = {n: run.tables.layer_threshold(n, infos[n].numel, run.sparsity_of(n).ratio) for n in run.tables.names}
+    found = {n: run.tables.layer_threshold(n, run.sparsity_of(n).ratio) for n in run.tables.names}
     return {n: t for n, t in found.items() if t is not None}
 
 
@@ -324,10 +321,8 @@ def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left:
         src = pickled.pop(name) if pickled is not None else next(reader.read_mapped([name]))[1]
         at = (threshold.key, ties_left) if threshold is not None else layer.get(name)
         try:
-            if at is None and not sparsity.is_nm and run.tables is not None and run.tables.wants(name, src.dtype):
-                # The layer threshold the method's plan would find, from the table kept for the cache.
-                t, _ = table_threshold([run.tables.make(name, run.method.score(src))], prune_count(src.numel(), sparsity.ratio))
-                at = (t.key, t.ties)
+            if at is None and run.tables is not None:  # the plan's own threshold, its table kept for the cache
+                at = run.tables.layer_threshold_of(name, run.method.score(src), sparsity.ratio)
             plan = run.method.plan(src, sparsity, wif, at) if run.method.plan is not None else None
             if shard is not None and plan is not None:
                 if buf is None or buf.dtype != src.dtype:

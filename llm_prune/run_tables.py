@@ -11,7 +11,7 @@ none pays one of its own.
 
 from __future__ import annotations
 
-from .magnitude import KeyTable, key_table, layout, prune_count, table_threshold
+from .magnitude import KeyTable, key_table, layout, own_threshold
 from .reader import CheckpointReader
 
 
@@ -30,18 +30,18 @@ class RunTables:
             self.cache = TableCache(DenseSource(reader), method)
             self.cached = self.cache.cached(names)
 
-    def layer_threshold(self, name: str, numel: int, ratio: float) -> tuple[int, int] | None:
+    def layer_threshold(self, name: str, ratio: float) -> tuple[int, int] | None:
         """(key, ties) of ``name``'s own threshold from its cached table; None when not cached
         or wide (fp32: the method's plan looks at the tensor again for the low bits)."""
         table = self.cached.get(name) if self.cached is not None else None
-        if table is None or table.wide:
-            return None
-        t, _ = table_threshold([table], prune_count(numel, ratio))
-        return t.key, t.ties
+        return None if table is None or table.wide else own_threshold(table, ratio)
 
-    def wants(self, name: str, dtype) -> bool:
-        """True when the run should make ``name``'s table from the tensor it is reading."""
-        return self.enabled and self.cached is None and not layout(dtype).wide
+    def layer_threshold_of(self, name: str, score, ratio: float) -> tuple[int, int] | None:
+        """(key, ties) of ``name``'s own threshold from the tensor being read, its table kept for
+        the cache; None when no table is being made (the method's plan then finds the threshold)."""
+        if not self.enabled or self.cached is not None or layout(score.dtype).wide:
+            return None
+        return own_threshold(self.make(name, score), ratio)
 
     def make(self, name: str, score, checked: bool = True) -> KeyTable:
         """``name``'s table from its score; ``checked`` refuses inf and nan (as the method's plan does)."""

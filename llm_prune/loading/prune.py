@@ -20,7 +20,7 @@ import torch
 from ..allocation import Shares, alpha_shares, finite
 from ..config import PruneConfig
 from ..errors import UserError
-from ..magnitude import KeyTable, NonFinite, key_table, layout, prune_count, table_threshold
+from ..magnitude import KeyTable, NonFinite, key_table, layout, own_threshold
 from ..methods import Method, prune_
 from ..spectrum import SpectrumCache
 from .decode import DenseSource
@@ -78,10 +78,7 @@ class LoadPruner:
             cache = TableCache(self.source, self.method)
             if cache.hashes_known():
                 tables = cache.tables(self.state.order, self.progress, self.saver)
-                for name in self.state.order:
-                    t, _ = table_threshold([tables[name]], prune_count(self.source.infos[name].numel,
-                                                                       self._sparsity(name).ratio))
-                    self.thresholds[name] = (t.key, t.ties)
+                self.thresholds = {n: own_threshold(tables[n], self._sparsity(n).ratio) for n in self.state.order}
                 self.state.applied, self.state.tables = dict(self.thresholds), tables
 
     def _sparsity(self, name: str):
@@ -100,8 +97,7 @@ class LoadPruner:
                 # The layer threshold read off the tensor's key table, kept for set_sparsity.
                 table = key_table(self.method.score(src))
                 if not table.wide:
-                    t, _ = table_threshold([table], prune_count(src.numel(), sparsity.ratio))
-                    threshold = state.applied[name] = (t.key, t.ties)
+                    threshold = state.applied[name] = own_threshold(table, sparsity.ratio)
                     state.tables[name] = table
             prune_(self.method, src, sparsity, state.weight_in_first, threshold=threshold, out=out)
         except NonFinite:

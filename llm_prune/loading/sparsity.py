@@ -15,7 +15,7 @@ import torch
 
 from ..config import PruneConfig, Sparsity
 from ..errors import UserError
-from ..magnitude import deal_ties, find_threshold, prune_count, table_threshold, threshold_keep
+from ..magnitude import deal_ties, find_threshold, own_threshold, table_threshold, threshold_keep
 from ..methods import get_method, prune_
 from .prune import PruneState
 
@@ -103,10 +103,7 @@ def _raised_plan(state: PruneState, new: Sparsity):
         t, counts = table_threshold(tables, int(round(new.ratio * sum(t.numel for t in tables))))
         target = deal_ties(order, t.key, t.ties, dict(zip(order, counts)))
     else:
-        target = {}
-        for n in order:
-            t, _ = table_threshold([state.tables[n]], prune_count(state.tables[n].numel, new.ratio))
-            target[n] = (t.key, t.ties)
+        target = {n: own_threshold(state.tables[n], new.ratio) for n in order}
     plan = {}
     for n, (key1, ties1) in target.items():
         key0, ties0 = state.applied.get(n, (-1, 0))

@@ -129,6 +129,10 @@ def check_same_layout(a: Checkpoint, b: Checkpoint) -> None:
                         f"first difference: {diff[0]}): compare checkpoints of one architecture and size")
 
 
+def damaged(ckpt: Checkpoint, name: str) -> UserError:
+    return UserError(f"{name} (in {ckpt.source.file_of(name)}) has inf or nan values: the checkpoint is damaged")
+
+
 def table_census(table: KeyTable, key_eps: int) -> Census:
     """``census`` from a tensor's 16-bit key table alone: its exact zeros are its count at key 0
     (+0 and -0), its near-zeros the counts below ``key_eps``."""
@@ -155,7 +159,7 @@ def read_census(ckpt: Checkpoint, eps: float, progress: bool) -> dict[str, Censu
         inf = layout(ckpt.dtype).inf_key
         bad = next((n for n in ckpt.order if len(tables[n].keys) and int(tables[n].keys[-1]) >= inf), None)
         if bad is not None:
-            raise UserError(f"{bad} (in {ckpt.source.file_of(bad)}) has inf or nan values: the checkpoint is damaged")
+            raise damaged(ckpt, bad)
         return {n: table_census(tables[n], key) for n in ckpt.order}
     found = {}
     for name, w in tqdm(ckpt.source.read(ckpt.order, mapped=ckpt.order), total=len(ckpt.order),
@@ -163,8 +167,7 @@ def read_census(ckpt: Checkpoint, eps: float, progress: bool) -> dict[str, Censu
         try:
             found[name] = census(w, key)
         except NonFinite:
-            raise UserError(f"{name} (in {ckpt.source.file_of(name)}) has inf or nan values: the checkpoint "
-                            "is damaged") from None
+            raise damaged(ckpt, name) from None
     return found
 
 
