@@ -74,17 +74,21 @@ def sign_clear(x: np.ndarray):
     return x.dtype.type(_CLEAR[x.itemsize])
 
 
-def key_histogram(w: torch.Tensor) -> np.ndarray:
-    """int64 counts of magnitude keys in 2^15 bins (fp32: bins are the keys' high 16 bits)."""
+def key_histogram(w: torch.Tensor, serial: bool = False) -> np.ndarray:
+    """int64 counts of magnitude keys in 2^15 bins (fp32: bins are the keys' high 16 bits).
+    ``serial``: on the calling thread alone, with no parallel launch (so without ``LOCK``):
+    for a thread that makes tables beside kernels the main thread runs."""
     x = bits(w)
     if x.size == 0:
         return np.zeros(BINS, dtype=np.int64)
-    parts = _parts(x)
     # Unsigned keys index the table without numba's fix-up for negative indices
     # (scripts/bench_histogram.py measures both).
     u = x.view(np.uint16 if x.itemsize == 2 else np.uint32)
+    parts = -(-x.size // (1 << 31))  # int32 counters: a slice per 2^31 weights
+    if serial:
+        return _histogram_serial(u, sign_clear(u), _VIEW[w.dtype][1], parts)
     with LOCK:
-        return _histogram(u, sign_clear(u), _VIEW[w.dtype][1], parts)
+        return _histogram(u, sign_clear(u), _VIEW[w.dtype][1], max(nb.get_num_threads(), parts))
 
 
 def bucket_histogram(w: torch.Tensor, high: int) -> np.ndarray:
@@ -197,6 +201,19 @@ def _histogram(x, clear, shift, parts):
     for p in range(parts):
         for r in range(4):
             out += per[p, r]
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def _histogram_serial(x, clear, shift, parts):
+    rows = np.zeros((4, BINS), dtype=np.int32)
+    out = np.zeros(BINS, dtype=np.int64)
+    step = (x.size + parts - 1) // parts
+    for p in range(parts):
+        _count_keys(x[p * step:min((p + 1) * step, x.size)], clear, shift, rows)
+        for r in range(4):
+            out += rows[r]
+        rows[:] = 0
     return out
 
 

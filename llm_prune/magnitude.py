@@ -135,11 +135,12 @@ def check_finite(x: torch.Tensor) -> None:
 
 
 # -- histograms -------------------------------------------------------------------------------------
-def histogram(x: torch.Tensor) -> torch.Tensor:
-    """int64 counts of ``x``'s keys (``x`` floats or their keys) in ``BINS`` bins; wide keys by their high half."""
+def histogram(x: torch.Tensor, serial: bool = False) -> torch.Tensor:
+    """int64 counts of ``x``'s keys (``x`` floats or their keys) in ``BINS`` bins; wide keys by
+    their high half. ``serial``: the kernel on the calling thread alone (``key_histogram``)."""
     K = kernels_for(x)
     if K is not None:
-        return torch.from_numpy(K.key_histogram(x))
+        return torch.from_numpy(K.key_histogram(x, serial))
     key = as_key(x).reshape(-1)
     high = (key >> LOW_BITS).to(torch.int16) if key.dtype == torch.int32 else key
     return torch.bincount(high, minlength=BINS)
@@ -155,10 +156,13 @@ def bucket_histogram(x: torch.Tensor, high: int) -> torch.Tensor:
     return torch.bincount((in_bucket & ((1 << LOW_BITS) - 1)).to(torch.int32), minlength=1 << LOW_BITS)
 
 
-def checked_histogram(x: torch.Tensor) -> torch.Tensor:
+def checked_histogram(x: torch.Tensor, serial: bool = False) -> torch.Tensor:
     """``histogram``, refusing inf and nan (``NonFinite``): their keys fill the top bins."""
-    hist = histogram(x)
-    lay = layout(x.dtype)
+    return _finite(histogram(x, serial), x.dtype)
+
+
+def _finite(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lay = layout(dtype)
     if hist[lay.inf_key >> (LOW_BITS if lay.wide else 0):].any():
         raise NonFinite()
     return hist
@@ -190,11 +194,21 @@ def table_of_histogram(counts: torch.Tensor, wide: bool) -> KeyTable:
     return KeyTable(wide, int(counts.sum()), occupied, counts[occupied])
 
 
-def key_table(x: torch.Tensor, *, checked: bool = False) -> KeyTable:
-    """The table of one tensor (floats or keys): one histogram pass; ``checked`` refuses inf/nan."""
+def key_table(x: torch.Tensor, *, checked: bool = False, serial: bool = False) -> KeyTable:
+    """The table of one tensor (floats or keys): one histogram pass; ``checked`` refuses inf/nan;
+    ``serial`` counts on the calling thread alone."""
     x = x.detach().cpu()
     wide = layout(x.dtype).wide if x.is_floating_point() else x.dtype == torch.int32
-    return table_of_histogram(checked_histogram(x) if checked else histogram(x), wide)
+    return table_of_histogram(checked_histogram(x, serial) if checked else histogram(x, serial), wide)
+
+
+def key_table_of_pieces(pieces, dtype: torch.dtype) -> KeyTable:
+    """``key_table(checked=True, serial=True)`` of a tensor of ``dtype`` (floats) given as
+    consecutive pieces (``CheckpointReader.read_mapped_pieces``): only a piece in memory at a time."""
+    hist = torch.zeros(BINS, dtype=torch.int64)
+    for piece in pieces:
+        hist += histogram(piece, serial=True)
+    return table_of_histogram(_finite(hist, dtype), layout(dtype).wide)
 
 
 def bucket_table(x: torch.Tensor, high: int) -> KeyTable:

@@ -179,15 +179,19 @@ def index_name(fmt: str) -> str:
 
 
 def _prune_data_free(run: Run) -> dict:
-    # The hashing of the source and of each finished shard, the copies and the writes run in
-    # threads beside the kernels; kernels on every core leave them none (BENCHMARKS.md, session 18).
+    # The hashing of the source and of each finished shard, the copies, the writes and (layer
+    # scope, first contact) the key tables run in threads beside the pruning's kernels; kernels
+    # on every core would leave them none (BENCHMARKS.md, sessions 18 and 25). The global pass
+    # comes before all of them: it has every core.
     from .kernels.magnitude import all_cores_but_one
 
     # N:M patterns need no threshold: no tables read, none made.
     run.tables = RunTables(run.reader, run.method,
                            [] if run.cfg.sparsity.is_nm else [n for u in run.units for n in u.targets])
-    with all_cores_but_one():
-        threshold = _global_threshold(run) if run.cfg.scope == "global" else None
+    layer = run.cfg.scope != "global"
+    ahead = [u.targets for u in run.units if layer and u.targets and not run.writer.done(u)]
+    threshold = None if layer else _global_threshold(run)
+    with all_cores_but_one(), run.tables.made_ahead(ahead, run.method.score):
         _prune_units(run, threshold, _layer_thresholds(run) if threshold is None else {})
     return {}
 

@@ -257,6 +257,30 @@ class CheckpointReader:
                     t = torch.frombuffer(m, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
                     yield info.name, t.view(info.dtype).view(info.shape)
 
+    def read_mapped_pieces(self, name: str, piece_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
+        """``name``'s elements as consecutive flat pieces of at most ``piece_bytes``, from a
+        private mapping of its bytes (as ``read_mapped``). Each piece's pages leave the process
+        when the next piece is asked for (they stay in the page cache): a reader that looks at
+        a tensor once holds one piece of it, not the whole tensor."""
+        info = self.infos[name]
+        if info.nbytes == 0:
+            return
+        with open(self.path / info.file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
+                raise UserError(f"{self.path / info.file} ended before {name}: the file is truncated")
+            start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+            m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        step = max(mmap.PAGESIZE, piece_bytes // mmap.PAGESIZE * mmap.PAGESIZE)  # whole elements
+        end = info.offset - start + info.nbytes
+        for at in range(info.offset - start, end, step):
+            stop = min(at + step, end)
+            yield torch.frombuffer(m, dtype=torch.uint8, offset=at, count=stop - at).view(info.dtype)
+            # the pages this piece covers whole (the one it shares with the next goes next time)
+            begin, done = at - at % mmap.PAGESIZE, stop - stop % mmap.PAGESIZE
+            if done > begin:
+                m.madvise(mmap.MADV_DONTNEED, begin, done - begin)
+
     def _positional_reads(self, jobs: list[tuple[TensorInfo, torch.Tensor]]) -> None:
         """Fill each uint8 destination with its tensor's bytes, in file order, each file opened once."""
         handles: dict[str, object] = {}

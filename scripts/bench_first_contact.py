@@ -49,6 +49,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="rounds per size (first, cached, cp each), medians printed")
     p.add_argument("--warm-source", action="store_true",
                    help="read the checkpoint into the page cache before each export: the CPU-bound case, no disk reads")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer", help="the exports' --scope")
     p.add_argument("--settle", action="store_true",
                    help="sync and rest 3 s before every timed run, so that one run's write-back does not land in the next")
     args = p.parse_args()
@@ -61,7 +62,8 @@ def main() -> int:
                         f"from bench_stream import make_synthetic; from pathlib import Path; "
                         f"make_synthetic(Path({str(ckpt)!r}), {n})"], check=True)
         for _ in range(args.repeat):
-            rows.append(_round(exe, ckpt, args.work / f"out-{n}", n, imports, args.cp, args.settle, args.warm_source))
+            rows.append(_round(exe, ckpt, args.work / f"out-{n}", n, imports, args.cp, args.settle, args.warm_source,
+                               args.scope))
             _print(rows[-1], args.cp)
         if args.repeat > 1:
             _print(_medians([r for r in rows if r["blocks"] == n]), args.cp, "median")
@@ -79,19 +81,19 @@ def _clear(out: Path, settle: bool) -> None:
 
 
 def _round(exe: list[str], ckpt: Path, out: Path, n: int, imports: float, cp: bool, settle: bool = False,
-           warm_source: bool = False) -> dict:
+           warm_source: bool = False, scope: str = "layer") -> dict:
     """One round: the export with an empty llm-prune cache, again with the cache it left, then cp."""
     cache = Path(tempfile.mkdtemp(prefix="llm-prune-cache-"))
     env = {**os.environ, "LLM_PRUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    row = {"blocks": n, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
+    row = {"blocks": n, "scope": scope, "block_mib": BLOCK_BYTES / 2**20, "imports_mib": imports}
     try:
         for label in ("first", "cached"):
             _clear(out, settle)
             if warm_source:
                 subprocess.run(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, sorted(ckpt.iterdir()))], check=True)
             cpu: dict = {}
-            row[f"{label}_s"], row[f"{label}_rss_mib"] = timed([*exe, str(ckpt), "--sparsity", "0.5", "--out", str(out),
-                                                                "--quiet"], env, cpu)
+            row[f"{label}_s"], row[f"{label}_rss_mib"] = timed([*exe, str(ckpt), "--sparsity", "0.5", "--scope", scope,
+                                                                "--out", str(out), "--quiet"], env, cpu)
             row[f"{label}_user_s"], row[f"{label}_sys_s"] = cpu["user"], cpu["system"]
         row["first_over_cached_time"] = row["first_s"] / row["cached_s"]
         if cp:  # the copy the export is measured against, right after (page cache as warm)
@@ -108,7 +110,8 @@ def _round(exe: list[str], ckpt: Path, out: Path, n: int, imports: float, cp: bo
 def _medians(rows: list[dict]) -> dict:
     import statistics
 
-    return {**{k: statistics.median(r[k] for r in rows) for k in rows[0]}, "blocks": rows[0]["blocks"]}
+    return {**{k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "scope"},
+            "blocks": rows[0]["blocks"], "scope": rows[0]["scope"]}
 
 
 def _print(row: dict, cp: bool, label: str = "") -> None:

@@ -1,5 +1,6 @@
 """The fused in-place magnitude kernels against the torch reference (llm_prune.magnitude), bit for bit."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,19 @@ def test_histogram_equals_bincount_of_keys(dtype):
     shift = 16 if dtype == torch.float32 else 0
     ref = torch.bincount(magnitude_key(w).reshape(-1).long() >> shift, minlength=1 << 15)
     assert torch.equal(torch.from_numpy(K.key_histogram(w)), ref)
+    assert torch.equal(torch.from_numpy(K.key_histogram(w, serial=True)), ref)
     assert K.key_histogram(torch.empty(0, 4, dtype=dtype)).sum() == 0
+    assert K.key_histogram(torch.empty(0, 4, dtype=dtype), serial=True).sum() == 0
+
+
+def test_serial_histogram_counts_in_slices_of_int32_range():
+    """The serial kernel sums its int32 rows into int64 once per slice: slices smaller than the
+    tensor (forced here) give the same counts."""
+    w = tied((301, 257), torch.bfloat16)
+    u = K.bits(w).view(np.uint16)
+    ref = K.key_histogram(w)
+    for parts in (1, 2, 7):
+        assert np.array_equal(K._histogram_serial(u, K.sign_clear(u), 0, parts), ref)
 
 
 def test_bucket_histogram_equals_bincount_of_low_halves():
@@ -205,7 +218,12 @@ def test_thread_count_does_not_change_the_bits():
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_an_export_leaves_one_core_to_its_other_threads(tmp_path, monkeypatch, scope):
-    """The exporter hashes, copies and writes in threads beside the kernels: they get all cores but one."""
+    """The exporter hashes, copies and writes in threads beside the kernels: they get all cores
+    but one. On first contact in layer scope the tables are made in a thread of their own, one
+    core, serially (``RunTables.made_ahead``); the global pass makes them on the main thread,
+    on every core, before any of those threads has work."""
+    import threading
+
     import numba as nb
 
     from llm_prune import PruneConfig, prune_checkpoint
@@ -214,11 +232,24 @@ def test_an_export_leaves_one_core_to_its_other_threads(tmp_path, monkeypatch, s
 
     monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
     src = save_tiny(tmp_path / "tiny", tiny_llama_config())
-    seen, histogram = [], K.key_histogram
-    monkeypatch.setattr(K, "key_histogram", lambda *a, **kw: (seen.append(nb.get_num_threads()), histogram(*a, **kw))[1])
+    seen, histogram, prune = [], K.key_histogram, K.prune_below_
+
+    def spy(f):
+        return lambda *a, **kw: (seen.append((f.__name__, threading.current_thread().name, nb.get_num_threads(),
+                                              a[1:] == (True,) or kw.get("serial", False))), f(*a, **kw))[1]
+
+    monkeypatch.setattr(K, "key_histogram", spy(histogram))
+    monkeypatch.setattr(K, "prune_below_", spy(prune))
     before = nb.get_num_threads()
     prune_checkpoint(src, PruneConfig(sparsity=Sparsity(0.5), scope=scope), tmp_path / "out", progress=False)
-    assert seen and set(seen) == {max(1, nb.config.NUMBA_NUM_THREADS - 1)}
+    on_main = {(f, threads) for f, thread, threads, serial in seen if thread == "MainThread"}
+    off_main = {(f, thread.split("_")[0], serial) for f, thread, _, serial in seen if thread != "MainThread"}
+    most = max(1, nb.config.NUMBA_NUM_THREADS - 1)
+    if scope == "layer":
+        assert on_main == {("prune_below_", most)}
+        assert off_main == {("key_histogram", "llm-prune-tables", True)}
+    else:  # the global pass runs before the threads beside the pruning start: every core
+        assert on_main == {("key_histogram", nb.config.NUMBA_NUM_THREADS), ("prune_below_", most)} and not off_main
     assert nb.get_num_threads() == before
 
 

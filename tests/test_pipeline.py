@@ -194,6 +194,58 @@ def test_repeat_exports_take_thresholds_from_cached_tables(tiny_llama, tmp_path,
     from_pretrained(tiny_llama, sparsity=0.5, scope=scope, progress=False)
 
 
+def test_first_contact_makes_layer_tables_one_block_ahead(tiny_llama, tmp_path, monkeypatch):
+    # Layer scope, nothing cached: a thread makes each target's table, in pieces, a block ahead
+    # of the pruning (never further: the source pages it reads must still be in the page cache
+    # when the pruning reads them), and the pruning takes every threshold from them.
+    import threading
+
+    from llm_prune.run_tables import RunTables
+
+    monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
+    events, lock = [], threading.Lock()
+    make, ask = RunTables._make_from_source, RunTables.layer_threshold_of
+
+    def logged(kind, f):
+        def call(self, name, *a):
+            with lock:
+                events.append((kind, int(name.split(".")[2]), threading.current_thread().name))
+            return f(self, name, *a)
+        return call
+
+    monkeypatch.setattr(RunTables, "_make_from_source", logged("make", make))
+    monkeypatch.setattr(RunTables, "layer_threshold_of", logged("ask", ask))
+    prune_checkpoint(tiny_llama, PruneConfig(sparsity=Sparsity(0.5)), tmp_path / "out", progress=False)
+    made = [block for kind, block, thread in events if kind == "make"]
+    assert made == sorted(made) and len(set(made)) == 3 and len(made) == 3 * 7
+    assert {thread for kind, _, thread in events if kind == "make"} == {"llm-prune-tables_0"}
+    for i, (kind, block, _) in enumerate(events):
+        if kind == "make" and block >= 2:  # block b starts once the pruning asked about block b - 1
+            assert ("ask", block - 1) in [(k, b) for k, b, _ in events[:i]]
+    assert len(list((tmp_path / "cache" / "keytables").glob("*.safetensors"))) == 1
+    reference = inmemory_prune(tiny_llama, PruneConfig(sparsity=Sparsity(0.5)), "model.layers").state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+@pytest.mark.parametrize("piece", [1, 4096, 5000, 1 << 20])
+def test_mapped_pieces_give_the_tensor_in_order(tiny_llama, piece):
+    from llm_prune.reader import CheckpointReader
+
+    # Pieces start where the tensor does (not on a page); the pages of a piece left behind are
+    # dropped from the mapping, and a piece still held reads them again from the file.
+    reader = CheckpointReader(tiny_llama)
+    counts = []
+    for name in reader.infos:
+        _, whole = next(reader.read_mapped([name]))
+        pieces = list(reader.read_mapped_pieces(name, piece))
+        counts.append(len(pieces))
+        assert all(p.dim() == 1 and p.dtype == whole.dtype for p in pieces)
+        assert all(p.numel() * p.element_size() <= max(4096, piece // 4096 * 4096) for p in pieces)
+        assert torch.equal(torch.cat(pieces), whole.reshape(-1))
+    assert max(counts) > 1 if piece <= 5000 else max(counts) == 1
+
+
 def test_a_resumed_export_caches_no_partial_tables(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_PRUNE_CACHE", str(tmp_path / "cache"))
     cfg = PruneConfig(sparsity=Sparsity(0.5))
