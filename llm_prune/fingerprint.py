@@ -128,9 +128,22 @@ def digest_of(path: Path, algorithm: str = ALGORITHM, threads: int = 1) -> str:
 
 def digest_of_bytes(data, algorithm: str = ALGORITHM) -> str:
     """``digest_of`` a file whose bytes are ``data`` (a buffer in memory)."""
-    h = _HASHES[algorithm](1)
+    h = Hasher(algorithm)
     h.update(data)
-    return f"{algorithm}:{h.hexdigest()}"
+    return h.digest()
+
+
+class Hasher:
+    """``digest_of_bytes`` of a file's bytes given in order, in pieces."""
+
+    def __init__(self, algorithm: str = ALGORITHM):
+        self.algorithm, self._h = algorithm, _HASHES[algorithm](1)
+
+    def update(self, data) -> None:
+        self._h.update(data)  # blake3 releases the GIL for large pieces
+
+    def digest(self) -> str:
+        return f"{self.algorithm}:{self._h.hexdigest()}"
 
 
 def matches(path: Path, digest: str, threads: int = 1) -> bool:

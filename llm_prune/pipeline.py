@@ -281,7 +281,8 @@ def _prune_units(run: Run, threshold: Threshold | None, layer: dict[str, tuple[i
                         with writer.staged(file, specs, stage) as shard:
                             for name, src in others.items():
                                 shard.copy_from(name, src)
-                            stats, ties_left = _prune_targets(run, unit, threshold, ties_left, layer, out_of=shard.tensor)
+                            stats, ties_left = _prune_targets(run, unit, threshold, ties_left, layer, out_of=shard.tensor,
+                                                              filled=shard.done)
                         writer.commit(unit, file, list(specs), {"stats": stats}, _state(writer, threshold, ties_left))
                         continue
                     with writer.open(file, specs) as shard:
@@ -310,8 +311,9 @@ def _prune_units(run: Run, threshold: Threshold | None, layer: dict[str, tuple[i
 
 
 def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left: int, layer: dict, *, out_of=None,
-                   shard=None):
-    """Prune each target of ``unit`` from the source, into ``out_of(name)`` or into ``shard``.
+                   shard=None, filled=None):
+    """Prune each target of ``unit`` from the source, into ``out_of(name)`` or into ``shard``;
+    ``filled(name)`` is told when a target's pruned bytes are in place.
 
     Into a shard, a fast path's ``Plan`` prunes a few MiB at a time into one small buffer that
     is written with ``pwrite``: less system time than faulting in a mapping of the output one
@@ -344,6 +346,8 @@ def _prune_targets(run: Run, unit: Unit, threshold: Threshold | None, ties_left:
         except NonFinite:
             raise UserError(f"{name} (in {reader.infos[name].file}) has inf or nan values: "
                             "the checkpoint is damaged") from None
+        if filled is not None:
+            filled(name)
         if threshold is not None:
             ties_left -= used
         stats[name] = [src.numel(), zeros]

@@ -16,14 +16,14 @@ import os
 import shutil
 import struct
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .fingerprint import digest_of, digest_of_bytes
+from .fingerprint import Hasher, digest_of
 from .paths import atomic_write_text, make_dir, publish_dir
 from .reader import SAFE_INDEX, WEIGHT_INDEXES, WEIGHT_SUFFIXES, FileBytes, Unit, safetensors_dtype_name
 
@@ -180,15 +180,23 @@ class Stage:
     def __init__(self, directory: Path):
         self.map: mmap.mmap | None = None
         self.direct = _takes_direct_io(directory)
+        # A shard's staged bytes are hashed and written from these, in order, beside the pruning.
+        self.hashing = ThreadPoolExecutor(1, thread_name_prefix="llm-prune-stage-hash")
+        self.writing = ThreadPoolExecutor(1, thread_name_prefix="llm-prune-stage-write")
 
     def take(self, size: int) -> mmap.mmap:
         need = max(self.ALIGN, -(-size // self.ALIGN) * self.ALIGN)
         if self.map is None or len(self.map) < need:
-            self.close()
+            self._release()
             self.map = mmap.mmap(-1, need)  # anonymous: page aligned
         return self.map
 
     def close(self) -> None:
+        self.hashing.shutdown()
+        self.writing.shutdown()
+        self._release()
+
+    def _release(self) -> None:
         if self.map is not None:
             try:
                 self.map.close()
@@ -212,15 +220,32 @@ def _takes_direct_io(directory: Path) -> bool:
 
 class StagedShard:
     """A safetensors shard assembled whole in a ``Stage``, hashed from it and written with
-    ``O_DIRECT``: the same bytes as ``ShardFile`` without their copy into the page cache."""
+    ``O_DIRECT``: the same bytes as ``ShardFile`` without their copy into the page cache.
+
+    The stage's threads hash and write the shard's finished prefix while the rest is filled in:
+    each tensor declared ``done`` (``copy_from`` declares its own) extends it, and once it has
+    grown by ``PIECE`` bytes its aligned part is handed on. ``finish`` hands on what is left and
+    waits; the pruning of a block then waits on no more than its last tensors' write."""
+
+    PIECE = 4 << 20
 
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
                  stage: Stage):
         head, self.spans, self.size = shard_layout(specs, metadata)
-        self.path, self.specs, self.start = path, specs, len(head)
+        self.path, self.specs, self.start, self.stage = path, specs, len(head), stage
         self.map = stage.take(self.size)
         self.map[:len(head)] = head
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8, count=self.size)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
+        try:
+            _allocate(self.fd, self.size)  # space reserved first, as ``ShardFile`` does
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.direct = True  # until the file system refuses a direct write (then: the page cache)
+        self._hash = Hasher()
+        self._final, self._pending = self.start, []  # bytes [0, _final) are final; ranges beyond
+        self._handed, self._jobs = 0, []  # bytes [0, _handed) are with the threads
 
     def tensor(self, name: str) -> torch.Tensor:
         """A writable view of ``name``'s bytes in the staged shard."""
@@ -240,30 +265,65 @@ class StagedShard:
                 if not k:
                     raise UserError(f"{src.path} ended early: the file is truncated")
                 got += k
+        self.done(name)
+
+    def done(self, name: str) -> None:
+        """``name``'s bytes are final: the threads may hash and write them once what comes before is."""
+        at, n = self.spans[name]
+        self._pending.append((self.start + at, self.start + at + n))
+        self._pending.sort()
+        while self._pending and self._pending[0][0] <= self._final:
+            self._final = max(self._final, self._pending.pop(0)[1])
+        end = self._final // Stage.ALIGN * Stage.ALIGN
+        if end - self._handed >= self.PIECE:
+            self._hand_on(end)
 
     def finish(self) -> str:
-        """Write the shard (space reserved first, as ``ShardFile`` does) and return its digest."""
-        digest = digest_of_bytes(memoryview(self.map)[:self.size])
+        """Write the rest of the shard, wait for its writes, and return its digest."""
         body = self.size // Stage.ALIGN * Stage.ALIGN
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
         try:
-            _allocate(fd, self.size)
-            try:
-                _pwrite_all(fd, memoryview(self.map)[:body], 0)
-            except OSError as e:  # a file system that opened it direct but will not write so
-                if e.errno != errno.EINVAL:
-                    raise
-                body = 0  # all of it through the page cache, below
+            self._hand_on(body)
+            self._jobs.append(self.stage.hashing.submit(self._hash.update, memoryview(self.map)[body:self.size]))
         finally:
-            os.close(fd)
-        if self.size > body:  # the unaligned tail, under one page, through the page cache
+            jobs, self._jobs = self._jobs, []
+            wait(jobs)  # every thread done with the stage and the file before anything is raised
+            os.close(self.fd)
+        for job in jobs:
+            job.result()
+        tail = body if self.direct else 0
+        if self.size > tail:  # the unaligned tail, under one page (or all of it), through the page cache
             fd = os.open(self.path, os.O_WRONLY)
             try:
-                _pwrite_all(fd, memoryview(self.map)[body:self.size], body)
+                _pwrite_all(fd, memoryview(self.map)[tail:self.size], tail)
             finally:
                 os.close(fd)
         del self.bytes
-        return digest
+        return self._hash.digest()
+
+    def abort(self) -> None:
+        """Give the shard up: once the threads have let go of the stage and the file, remove it."""
+        wait(self._jobs)
+        self._jobs = []
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+        del self.bytes
+
+    def _hand_on(self, end: int) -> None:
+        if end > self._handed:
+            view = memoryview(self.map)[self._handed:end]
+            self._jobs.append(self.stage.hashing.submit(self._hash.update, view))
+            self._jobs.append(self.stage.writing.submit(self._write_direct, view, self._handed))
+            self._handed = end
+
+    def _write_direct(self, view, at: int) -> None:
+        if not self.direct:
+            return
+        try:
+            _pwrite_all(self.fd, view, at)
+        except OSError as e:  # a file system that opened it direct but will not write so
+            if e.errno != errno.EINVAL:
+                raise
+            self.direct = False  # all of it through the page cache, in ``finish``
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -413,7 +473,11 @@ class ShardWriter:
         """A ``StagedShard`` to fill; on leaving, it is written and its digest is in ``digest``."""
         with self._disk_errors(file):
             shard = StagedShard(self._part(file), specs, metadata or {"format": "pt"}, stage)
-            yield shard
+            try:
+                yield shard
+            except BaseException:
+                shard.abort()
+                raise
             self.digests[file] = shard.finish()
 
     def commit(self, unit: Unit, file: str, names: list[str], record: dict, state: dict | None = None) -> None:

@@ -94,11 +94,13 @@ def test_pieces_equal_whole_tensors(tiny_llama, tmp_path, cfg, monkeypatch):
     # (``writer.Stage``); elsewhere piece by piece through a small buffer. 40-byte pieces (20
     # weights: not a multiple of 8, so N:M pieces round down to whole groups) cut every tensor
     # into hundreds, with ties and tie quotas straddling them. Same bytes and digests either way.
+    # Staged shards are handed to the writing threads a page at a time as tensors are done.
     import llm_prune.pipeline as P
 
     import llm_prune.writer as W
 
     monkeypatch.setattr(P, "DIRECT_MIN_BYTES", 0)  # staged even though the model is tiny
+    monkeypatch.setattr(W.StagedShard, "PIECE", 4096)
     staged, finish = [], W.StagedShard.finish
     monkeypatch.setattr(W.StagedShard, "finish", lambda self: staged.append(self.path) or finish(self))
     prune_checkpoint(tiny_llama, cfg, tmp_path / "whole", progress=False)

@@ -158,9 +158,13 @@ def _direct_or_skip(directory):
     return stage
 
 
+@pytest.mark.parametrize("piece", [None, 4096])  # handed on at the end only, or as each tensor is done
 @pytest.mark.parametrize("scale", [1, 700])  # under one page, and many pages with an unaligned tail
-def test_a_staged_shard_is_the_shard_file_byte_for_byte(tmp_path, scale):
+def test_a_staged_shard_is_the_shard_file_byte_for_byte(tmp_path, monkeypatch, scale, piece):
     from llm_prune.fingerprint import digest_of
+
+    if piece is not None:
+        monkeypatch.setattr(writer_module.StagedShard, "PIECE", piece)
 
     tensors = {**_sample(), "big": torch.randn(scale, 11)}
     save_file(tensors, str(tmp_path / "src.safetensors"), metadata={"format": "pt"})
@@ -178,8 +182,9 @@ def test_a_staged_shard_is_the_shard_file_byte_for_byte(tmp_path, scale):
     shard = writer_module.StagedShard(tmp_path / "b.safetensors", specs, {"format": "pt"}, stage)
     for n, src in from_file.items():
         shard.copy_from(n, src)
-    for n, t in in_memory.items():
+    for n, t in reversed(in_memory.items()):  # done out of file order: handed on once what precedes is
         shard.tensor(n).copy_(t)
+        shard.done(n)
     digest = shard.finish()
     stage.close()
     assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
@@ -221,7 +226,38 @@ def test_a_full_disk_while_staging_is_one_line_and_leaves_no_shard(tmp_path, mon
     stage.close()
 
 
-def test_direct_writes_refused_after_open_go_through_the_page_cache(tmp_path, monkeypatch):
+def test_a_failure_while_staging_waits_for_the_writes_in_flight(tmp_path, monkeypatch):
+    # The block's first tensor is being written by the stage's thread when the second one fails:
+    # the shard is given up only once that write has let go of the file and the stage.
+    import threading
+
+    w, stage, specs = _staged_export(tmp_path)
+    monkeypatch.setattr(writer_module.StagedShard, "PIECE", 4096)
+    started, release, real = threading.Event(), threading.Event(), writer_module._pwrite_all
+
+    def slow(fd, data, at):
+        started.set()
+        release.wait(5)
+        return real(fd, data, at)
+
+    monkeypatch.setattr(writer_module, "_pwrite_all", slow)
+    with pytest.raises(RuntimeError, match="damaged"):
+        with w.staged("s.safetensors", specs, stage) as shard:
+            for name in ("b", "a"):  # in file order (b, the wider dtype, comes first)
+                shard.tensor(name).fill_(1)
+                shard.done(name)
+            assert started.wait(5)
+            threading.Timer(0.2, release.set).start()
+            raise RuntimeError("the next tensor is damaged")
+    assert release.is_set()  # abort waited for the write
+    assert not list(w.tmp.glob("s.safetensors*"))
+    stage.close()
+
+
+@pytest.mark.parametrize("piece", [None, 4096])
+def test_direct_writes_refused_after_open_go_through_the_page_cache(tmp_path, monkeypatch, piece):
+    if piece is not None:
+        monkeypatch.setattr(writer_module.StagedShard, "PIECE", piece)
     w, stage, specs = _staged_export(tmp_path)
     real = writer_module._pwrite_all
     direct = getattr(writer_module.os, "O_DIRECT", 0)
@@ -233,8 +269,10 @@ def test_direct_writes_refused_after_open_go_through_the_page_cache(tmp_path, mo
 
     monkeypatch.setattr(writer_module, "_pwrite_all", picky)
     with w.staged("s.safetensors", specs, stage) as shard:
-        shard.tensor("a").copy_(torch.arange(3000).reshape(3, 1000).half())
         shard.tensor("b").fill_(2.5)
+        shard.done("b")
+        shard.tensor("a").copy_(torch.arange(3000).reshape(3, 1000).half())
+        shard.done("a")
     loaded = load_file(w.tmp / "s.safetensors.tmp")
     assert torch.equal(loaded["a"], torch.arange(3000).reshape(3, 1000).half()) and bool((loaded["b"] == 2.5).all())
     assert w.digests["s.safetensors"] == writer_module.digest_of(w.tmp / "s.safetensors.tmp")
