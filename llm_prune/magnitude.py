@@ -203,11 +203,13 @@ def key_table(x: torch.Tensor, *, checked: bool = False, serial: bool = False) -
 
 
 def key_table_of_pieces(pieces, dtype: torch.dtype) -> KeyTable:
-    """``key_table(checked=True, serial=True)`` of a tensor of ``dtype`` (floats) given as
-    consecutive pieces (``CheckpointReader.read_mapped_pieces``): only a piece in memory at a time."""
+    """``key_table(checked=True, serial=True)`` of a float tensor given as consecutive pieces
+    (``CheckpointReader.read_mapped_pieces``): only a piece in memory at a time. ``dtype``: the
+    pieces' own, which an empty tensor (no pieces) cannot tell."""
     hist = torch.zeros(BINS, dtype=torch.int64)
     for piece in pieces:
         hist += histogram(piece, serial=True)
+        dtype = piece.dtype
     return table_of_histogram(_finite(hist, dtype), layout(dtype).wide)
 
 
