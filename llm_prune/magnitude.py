@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from .config import Sparsity
@@ -323,9 +324,21 @@ def prune_count(numel: int, ratio: float) -> int:
 
 
 def own_threshold(table: KeyTable, ratio: float) -> tuple[int, int]:
-    """(key, ties) pruning ``ratio`` of one tensor at its own threshold, from its 16-bit key table."""
-    t, _ = table_threshold([table], prune_count(table.numel, ratio))
-    return t.key, t.ties
+    """(key, ties) pruning ``ratio`` of one tensor at its own threshold, from its 16-bit key table:
+    ``table_threshold([table], k)`` without merging a table of one (a load in layer scope asks
+    this of every target; BENCHMARKS.md, session 25)."""
+    if table.wide:
+        raise ValueError("a wide (fp32) table gives only the bin of a threshold")
+    k = prune_count(table.numel, ratio)
+    if not 0 <= k <= table.numel:
+        raise ValueError(f"k={k} outside [0, {table.numel}]")
+    if k == 0:
+        return -1, 0
+    # numpy on the table's few thousand bins: a few microseconds, where torch's dispatch of the
+    # same three ops costs ~100 (and a load asks from a thread beside the model's build)
+    cum = np.cumsum(table.counts.numpy())
+    i = int(np.searchsorted(cum, k))
+    return int(table.keys[i]), k - (int(cum[i - 1]) if i > 0 else 0)
 
 
 def unstructured_keep(x: torch.Tensor, ratio: float) -> torch.Tensor:

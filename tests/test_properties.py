@@ -46,6 +46,22 @@ def test_unstructured_keep_is_the_stable_sort(w, ratio):
     assert torch.equal(keep, reference_keep(w, prune_count(w.numel(), ratio)))
 
 
+
+@SETTINGS
+@given(w=matrices(), ratio=st.floats(0, 0.999))
+def test_own_threshold_is_the_tables_threshold_of_one_tensor(w, ratio):
+    """``own_threshold`` (numpy, one table) gives what ``table_threshold`` over that one table
+    gives, and pruning at it is the stable-sort reference (16-bit keys only: fp32 tables hold bins)."""
+    from llm_prune.magnitude import key_table, own_threshold, table_threshold
+
+    if w.dtype == torch.float32:
+        w = w.to(torch.bfloat16)
+    table = key_table(w)
+    t, _ = table_threshold([table], prune_count(w.numel(), ratio))
+    assert own_threshold(table, ratio) == (t.key, t.ties)
+    key, ties = own_threshold(table, ratio)
+    assert torch.equal(threshold_keep(magnitude_key(w), key, ties)[0], reference_keep(w, prune_count(w.numel(), ratio)))
+
 @SETTINGS
 @given(matrices(cols_multiple=4), st.sampled_from([(1, 4), (2, 4), (3, 4)]))
 def test_nm_keeps_n_of_every_m_the_largest_earliest_first(w, nm):
