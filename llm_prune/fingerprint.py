@@ -126,15 +126,8 @@ def digest_of(path: Path, algorithm: str = ALGORITHM, threads: int = 1) -> str:
         prefix.close()  # on an error too
 
 
-def digest_of_bytes(data, algorithm: str = ALGORITHM) -> str:
-    """``digest_of`` a file whose bytes are ``data`` (a buffer in memory)."""
-    h = Hasher(algorithm)
-    h.update(data)
-    return h.digest()
-
-
 class Hasher:
-    """``digest_of_bytes`` of a file's bytes given in order, in pieces."""
+    """``digest_of`` a file whose bytes are given in memory, in order, in pieces."""
 
     def __init__(self, algorithm: str = ALGORITHM):
         self.algorithm, self._h = algorithm, _HASHES[algorithm](1)

@@ -189,7 +189,7 @@ def _prune_data_free(run: Run) -> dict:
     run.tables = RunTables(run.reader, run.method,
                            [] if run.cfg.sparsity.is_nm else [n for u in run.units for n in u.targets])
     layer = run.cfg.scope != "global"
-    ahead = [u.targets for u in run.units if layer and u.targets and not run.writer.done(u)]
+    ahead = [u.targets for u in run.units if u.targets and not run.writer.done(u)] if layer else []
     threshold = None if layer else _global_threshold(run)
     with all_cores_but_one(), run.tables.made_ahead(ahead, run.method.score):
         _prune_units(run, threshold, _layer_thresholds(run) if threshold is None else {})

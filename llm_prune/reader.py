@@ -249,12 +249,8 @@ class CheckpointReader:
                     if info.nbytes == 0:
                         yield info.name, torch.empty(info.shape, dtype=info.dtype)
                         continue
-                    if size < info.offset + info.nbytes:
-                        raise UserError(f"{self.path / file} ended before {info.name}: the file is truncated")
-                    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-                    m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-                    t = torch.frombuffer(m, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
+                    m, at = self._private_map(f, size, info)
+                    t = torch.frombuffer(m, dtype=torch.uint8, offset=at, count=info.nbytes)
                     yield info.name, t.view(info.dtype).view(info.shape)
 
     def read_mapped_pieces(self, name: str, piece_bytes: int = 16 << 20) -> Iterator[torch.Tensor]:
@@ -266,20 +262,26 @@ class CheckpointReader:
         if info.nbytes == 0:
             return
         with open(self.path / info.file, "rb") as f:
-            if os.fstat(f.fileno()).st_size < info.offset + info.nbytes:
-                raise UserError(f"{self.path / info.file} ended before {name}: the file is truncated")
-            start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-            m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
-                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            m, first = self._private_map(f, os.fstat(f.fileno()).st_size, info)
         step = max(mmap.PAGESIZE, piece_bytes // mmap.PAGESIZE * mmap.PAGESIZE)  # whole elements
-        end = info.offset - start + info.nbytes
-        for at in range(info.offset - start, end, step):
+        end = first + info.nbytes
+        for at in range(first, end, step):
             stop = min(at + step, end)
             yield torch.frombuffer(m, dtype=torch.uint8, offset=at, count=stop - at).view(info.dtype)
             # the pages this piece covers whole (the one it shares with the next goes next time)
             begin, done = at - at % mmap.PAGESIZE, stop - stop % mmap.PAGESIZE
             if done > begin:
                 m.madvise(mmap.MADV_DONTNEED, begin, done - begin)
+
+    def _private_map(self, f, size: int, info: TensorInfo) -> tuple[mmap.mmap, int]:
+        """A private, copy-on-write mapping of ``info``'s bytes in the open file ``f`` (of
+        ``size`` bytes), and where they start in it (mappings start on allocation granules)."""
+        if size < info.offset + info.nbytes:
+            raise UserError(f"{self.path / info.file} ended before {info.name}: the file is truncated")
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(f.fileno(), info.offset - start + info.nbytes, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        return m, info.offset - start
 
     def _positional_reads(self, jobs: list[tuple[TensorInfo, torch.Tensor]]) -> None:
         """Fill each uint8 destination with its tensor's bytes, in file order, each file opened once."""

@@ -72,8 +72,8 @@ class RunTables:
         self._score = score
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="llm-prune-tables")
         try:
-            for i in range(min(2, len(self._units))):
-                self._submit(i)
+            if self._units:
+                self._submit(0)
             yield
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -86,8 +86,7 @@ class RunTables:
 
     def _submit(self, i: int) -> None:
         for n in self._units[i]:
-            if n not in self._ahead and n not in self.made:
-                self._ahead[n] = self._pool.submit(self._make_from_source, n)
+            self._ahead[n] = self._pool.submit(self._make_from_source, n)
 
     def _make_from_source(self, name: str) -> KeyTable:
         # in pieces: this thread then holds a few MiB of source pages beside the pruning's tensor

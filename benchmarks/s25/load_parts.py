@@ -8,7 +8,6 @@ os.environ["HF_HUB_OFFLINE"]="1"; os.environ["TRANSFORMERS_VERBOSITY"]="error"
 import torch, llm_prune
 from llm_prune.models import resolve_model
 from llm_prune.loading import prune as LP, keytables as KT
-from llm_prune import magnitude as M
 path = resolve_model("smollm2-135m"); dt = getattr(torch, sys.argv[2]); scope = sys.argv[1]
 acc = {}
 def wrap(mod, name, label=None):
