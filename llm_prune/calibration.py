@@ -109,19 +109,43 @@ class CalibConfig:
 
 
 def default_act_dtype(device: torch.device) -> str:
-    """``--act-dtype auto``: bf16-mixed where bfloat16 matmuls run natively (CUDA GPUs that have
-    them; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere, where they are emulated and slower
-    than fp32. On SmolLM2 the two give the same perplexity within the spread of calibration seeds
-    (BENCHMARKS.md)."""
+    """``--act-dtype auto``: bf16-mixed where bfloat16 matmuls run faster than float32 ones, float32
+    elsewhere. That is CUDA GPUs with native bfloat16; x86 CPUs with AMX tiles; AMD CPUs with
+    AVX512-BF16. An Intel CPU with AVX512-BF16 but no AMX (AMX is often hidden inside a VM) has one
+    port for bfloat16 dot products against two for float32 FMAs, so there bf16 matmuls run at ~0.6×
+    the float32 speed and a bf16-mixed run takes 1.3-1.6× as long (BENCHMARKS.md, session 26). On
+    SmolLM2 the two give the same perplexity within the spread of calibration seeds."""
     import torch
 
     if device.type == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        if any(probe is not None and probe() for probe in probes):
+        if _cpu_probe("_is_amx_tile_supported"):
+            return "bf16-mixed"
+        if _cpu_probe("_is_avx512_bf16_supported") and cpu_vendor() == "AuthenticAMD":
             return "bf16-mixed"
     return "float32"
+
+
+def _cpu_probe(name: str) -> bool:
+    import torch
+
+    probe = getattr(torch.cpu, name, None)
+    return bool(probe is not None and probe())
+
+
+def cpu_vendor() -> str:
+    """The x86 vendor string ("GenuineIntel", "AuthenticAMD"); "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in platform.processor()), "")
 
 
 def context_length(model_config: dict) -> int | None:

@@ -130,16 +130,22 @@ def test_cli_flags_build_the_config():
     assert (fp32.torch_dtype(), fp32.matmul_dtype()) == (torch.float32, None)
 
 
-def test_auto_act_dtype_is_bf16_mixed_only_where_bf16_matmuls_are_native(monkeypatch):
+def test_auto_act_dtype_is_bf16_mixed_only_where_bf16_matmuls_are_faster(monkeypatch):
+    from llm_prune import calibration
+
     cpu = torch.device("cpu")
-    for avx512_bf16, amx, expected in [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"),
-                                       (False, False, "float32")]:
+    for avx512_bf16, amx, vendor, expected in [
+            (True, False, "AuthenticAMD", "bf16-mixed"), (True, False, "GenuineIntel", "float32"),
+            (True, False, "", "float32"), (False, True, "GenuineIntel", "bf16-mixed"),
+            (True, True, "GenuineIntel", "bf16-mixed"), (False, False, "AuthenticAMD", "float32")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(calibration, "cpu_vendor", lambda v=vendor: v)
         assert default_act_dtype(cpu) == expected
         assert CalibConfig(device="cpu").dtype == expected
         assert CalibConfig(device="cpu", dtype="float32").dtype == "float32"  # asked for: kept
         assert CalibConfig(device="toaster").dtype == expected  # a bad device is refused where it is used
+    monkeypatch.setattr(calibration, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert default_act_dtype(cpu) == "float32"
@@ -147,6 +153,16 @@ def test_auto_act_dtype_is_bf16_mixed_only_where_bf16_matmuls_are_native(monkeyp
     assert default_act_dtype(torch.device("cuda")) == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert default_act_dtype(torch.device("cuda")) == "float32"
+
+
+def test_cpu_vendor_reads_this_machine():
+    from llm_prune.calibration import cpu_vendor
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file() or "vendor_id" not in cpuinfo.read_text():
+        pytest.skip("no vendor_id in /proc/cpuinfo on this machine")
+    line = next(x for x in cpuinfo.read_text().splitlines() if x.startswith("vendor_id"))
+    assert cpu_vendor() == line.split(":", 1)[1].strip() != ""
 
 
 def test_device_resolution():
