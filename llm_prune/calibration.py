@@ -110,11 +110,11 @@ class CalibConfig:
 
 def default_act_dtype(device: torch.device) -> str:
     """``--act-dtype auto``: bf16-mixed where bfloat16 matmuls run faster than float32 ones, float32
-    elsewhere. That is CUDA GPUs with native bfloat16; x86 CPUs with AMX tiles; AMD CPUs with
-    AVX512-BF16. An Intel CPU with AVX512-BF16 but no AMX (AMX is often hidden inside a VM) has one
-    port for bfloat16 dot products against two for float32 FMAs, so there bf16 matmuls run at ~0.6×
-    the float32 speed and a bf16-mixed run takes 1.3-1.6× as long (BENCHMARKS.md, session 26). On
-    SmolLM2 the two give the same perplexity within the spread of calibration seeds."""
+    elsewhere: bf16-mixed on CUDA GPUs with native bfloat16, x86 CPUs with AMX tiles and AMD CPUs
+    with AVX512-BF16. An Intel CPU with AVX512-BF16 but no AMX (AMX is often hidden inside a VM)
+    runs oneDNN's bfloat16 matmuls slower than its float32 ones (measured: BENCHMARKS.md, session
+    26), so it gets float32. On SmolLM2 the two dtypes give the same perplexity
+    within the spread of calibration seeds."""
     import torch
 
     if device.type == "cuda":
